@@ -1,0 +1,1 @@
+-- pg-route.lua: being written

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Start a Docker engine for pgs if none is answering. Idempotent.
+#
+# Env:
+#   PGS_DOCKERD_LOG      log file            (default /var/log/pgs-dockerd.log)
+#   PGS_DOCKERD_TIMEOUT  seconds to wait     (default 60)
+#   PGS_DOCKERD_STORAGE  storage driver      (default: overlay2 if the kernel has
+#                                             overlay, else vfs)
+#   PGS_DOCKERD_ARGS     extra dockerd flags (appended)
+set -euo pipefail
+
+LOG=${PGS_DOCKERD_LOG:-/var/log/pgs-dockerd.log}
+TIMEOUT=${PGS_DOCKERD_TIMEOUT:-60}
+
+say() { printf 'start-dockerd: %s\n' "$*"; }
+die() { printf 'start-dockerd: ERROR: %s\n' "$*" >&2; exit 1; }
+
+if docker info >/dev/null 2>&1; then
+    say "engine already answering (server $(docker info --format '{{.ServerVersion}}' 2>/dev/null)); nothing to do"
+    exit 0
+fi
+
+[ "$(id -u)" = 0 ] || die "must run as root to start dockerd"
+
+if ! command -v dockerd >/dev/null 2>&1; then
+    say "dockerd missing; installing docker.io with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q || die "apt-get update failed"
+    apt-get install -y -q docker.io || die "apt-get install docker.io failed"
+fi
+command -v docker >/dev/null 2>&1 || die "docker client not found in PATH"
+
+# A dockerd may be running but not answering yet (e.g. started seconds ago).
+if pid=$(pgrep -x dockerd | head -n1) && [ -n "$pid" ]; then
+    say "dockerd already running (pid $pid) but not answering yet; waiting for it"
+else
+    driver=${PGS_DOCKERD_STORAGE:-}
+    if [ -z "$driver" ]; then
+        if grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null; then
+            driver=overlay2
+        else
+            driver=vfs
+        fi
+    fi
+    mkdir -p "$(dirname "$LOG")"
+    # No iptables management: the pgs containers run with --network none.
+    # shellcheck disable=SC2086
+    args=(--iptables=false --ip6tables=false --storage-driver="$driver" ${PGS_DOCKERD_ARGS:-})
+    say "starting dockerd ${args[*]} (log: $LOG)"
+    setsid nohup dockerd "${args[@]}" >>"$LOG" 2>&1 </dev/null &
+    pid=$!
+    disown "$pid" 2>/dev/null || true
+fi
+
+deadline=$(( $(date +%s) + TIMEOUT ))
+while ! docker info >/dev/null 2>&1; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+        say "dockerd (pid $pid) exited; last log lines:" >&2
+        tail -n 30 "$LOG" >&2 || true
+        exit 1
+    fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+        say "dockerd (pid $pid) not answering after ${TIMEOUT}s; last log lines:" >&2
+        tail -n 30 "$LOG" >&2 || true
+        exit 1
+    fi
+    sleep 0.5
+done
+say "engine ready: pid $pid, server $(docker info --format '{{.ServerVersion}} storage={{.Driver}} cgroup={{.CgroupVersion}}' 2>/dev/null), log $LOG"

@@ -1,0 +1,80 @@
+//! What each CLI command does: load settings and tenants, call the library, print for people.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::cli::{Cli, Command, InitArgs};
+use crate::haproxy::render;
+use crate::settings::{Agent, Settings};
+use crate::{layout, tenants};
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Init(args) => init(args),
+            Command::Render => {
+                let agent = Agent::load(&cli.config)?;
+                render_cmd(&agent).await
+            }
+            Command::Check => {
+                let agent = Agent::load(&cli.config)?;
+                check_cmd(&agent).await
+            }
+        }
+    })
+}
+
+fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
+    let mut settings = Settings::default();
+    settings.haproxy.listen = args.listen;
+    settings.check()?;
+    let config = layout::init(&args.dir, &settings)?;
+    let agent = Agent::load(&config)?;
+    let p = &agent.paths;
+    println!("Created a pgs layout in {}", args.dir.display());
+    println!("  settings      {}", config.display());
+    println!("  tenants file  {}", p.tenants_file.display());
+    println!("Next:");
+    println!("  pgs-agent -c {} render", config.display());
+    println!(
+        "  haproxy -W -S {} -f {}",
+        p.master_socket.display(),
+        p.haproxy_cfg.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn render_cmd(agent: &Agent) -> anyhow::Result<ExitCode> {
+    let tenants = tenants::load(&agent.paths.tenants_file)?;
+    render::check(agent, &tenants).await?;
+    let rendered = render::render(&agent.settings, &agent.paths, &tenants);
+    let installed = render::install(&agent.paths, &rendered)
+        .with_context(|| format!("cannot write into {}", agent.paths.haproxy_dir.display()))?;
+    let verb = if installed.any() { "wrote" } else { "unchanged:" };
+    println!(
+        "{verb} {} ({} tenant(s), {} enabled)",
+        agent.paths.haproxy_cfg.display(),
+        tenants.len(),
+        tenants
+            .iter()
+            .filter(|t| t.access == tenants::Access::Enabled)
+            .count()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn check_cmd(agent: &Agent) -> anyhow::Result<ExitCode> {
+    let tenants = tenants::load(&agent.paths.tenants_file)?;
+    render::check(agent, &tenants).await?;
+    println!(
+        "HAProxy accepts the configuration for {} tenant(s)",
+        tenants.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}

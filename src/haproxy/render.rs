@@ -1,0 +1,324 @@
+//! Rendering pgs's HAProxy files (config from askama templates, map files, the Lua router),
+//! checking a candidate with `haproxy -c`, and installing files atomically. It decides nothing
+//! about what should exist: it renders the `Tenants` it is given.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use askama::Template;
+
+use crate::fsutil;
+use crate::settings::{Agent, ConfigMode, Paths, Settings};
+use crate::tenants::{Access, Instance, Tenant, Tenants};
+
+/// The startup-phase router, shipped inside the binary so an install is one file.
+pub const LUA_ROUTER: &str = include_str!("../../lua/pg-route.lua");
+
+#[derive(Template)]
+#[template(path = "pgs.cfg", escape = "none")]
+struct PgsCfg<'a> {
+    global: Option<GlobalBlock<'a>>,
+    lua: String,
+    f: FrontendBlock<'a>,
+    backends: Vec<BackendBlock<'a>>,
+}
+
+struct GlobalBlock<'a> {
+    admin_socket: String,
+    pidfile: String,
+    log: &'a str,
+    maxconn: u32,
+    threads: Option<u32>,
+    hard_stop_after: Option<&'a str>,
+}
+
+struct FrontendBlock<'a> {
+    listen: &'a str,
+    maxconn: u32,
+    session_timeout: &'a str,
+    startup_timeout: &'a str,
+    backends_map: String,
+    access_map: String,
+}
+
+struct BackendBlock<'a> {
+    name: String,
+    server: &'a str,
+    address: String,
+    connect_timeout: &'a str,
+    session_timeout: &'a str,
+}
+
+/// Everything pgs hands to HAProxy, as text, before any of it is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub cfg: String,
+    pub backends_map: String,
+    pub access_map: String,
+}
+
+/// Renders the files for `tenants`, with file references pointing into `paths`.
+pub fn render(settings: &Settings, paths: &Paths, tenants: &Tenants) -> Rendered {
+    let h = &settings.haproxy;
+    let global = (h.mode == ConfigMode::Full).then(|| GlobalBlock {
+        admin_socket: paths.admin_socket.display().to_string(),
+        pidfile: paths.pidfile.display().to_string(),
+        log: &h.log,
+        // Room for the Runtime API and master CLI beside the frontend's clients.
+        maxconn: h.maxconn.saturating_add(100),
+        threads: h.threads,
+        hard_stop_after: h.hard_stop_after.as_deref(),
+    });
+    let backends = tenants
+        .iter()
+        .filter_map(|t| {
+            Some(BackendBlock {
+                name: t.id.backend_name(),
+                server: t.id.as_str(),
+                address: server_address(t, paths)?,
+                connect_timeout: &h.connect_timeout,
+                session_timeout: &h.session_timeout,
+            })
+        })
+        .collect();
+    let cfg = PgsCfg {
+        global,
+        lua: paths.lua.display().to_string(),
+        f: FrontendBlock {
+            listen: &h.listen,
+            maxconn: h.maxconn,
+            session_timeout: &h.session_timeout,
+            startup_timeout: &h.startup_timeout,
+            backends_map: paths.backends_map.display().to_string(),
+            access_map: paths.access_map.display().to_string(),
+        },
+        backends,
+    };
+    let mut cfg = cfg.render().expect("templates render");
+    cfg.push('\n');
+    Rendered {
+        cfg,
+        backends_map: map_file(backends_entries(tenants, paths)),
+        access_map: map_file(access_entries(tenants)),
+    }
+}
+
+/// Where HAProxy dials the tenant's server: an external address, or the managed container's
+/// socket in the tenant's socket directory.
+pub fn server_address(t: &Tenant, paths: &Paths) -> Option<String> {
+    match &t.instance {
+        Instance::External { address } => Some(address.haproxy()),
+        Instance::Managed(_) => Some(format!(
+            "unix@{}",
+            paths
+                .tenant_sockets_dir
+                .join(t.id.as_str())
+                .join(".s.PGSQL.5432")
+                .display()
+        )),
+    }
+}
+
+/// Tenant → backend name, for every tenant that has a backend.
+pub fn backends_entries(tenants: &Tenants, paths: &Paths) -> Vec<(String, String)> {
+    tenants
+        .iter()
+        .filter(|t| server_address(t, paths).is_some())
+        .map(|t| (t.id.to_string(), t.id.backend_name()))
+        .collect()
+}
+
+/// Tenant → `enabled`, for enabled tenants only: absence means refused.
+pub fn access_entries(tenants: &Tenants) -> Vec<(String, String)> {
+    tenants
+        .iter()
+        .filter(|t| t.access == Access::Enabled)
+        .map(|t| (t.id.to_string(), Access::Enabled.to_string()))
+        .collect()
+}
+
+fn map_file(entries: Vec<(String, String)>) -> String {
+    let mut out = String::from("# Rendered by pgs-agent; runtime changes are mirrored here.\n");
+    for (k, v) in entries {
+        out.push_str(&k);
+        out.push(' ');
+        out.push_str(&v);
+        out.push('\n');
+    }
+    out
+}
+
+/// What `install` changed on disk.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub cfg: bool,
+    pub backends_map: bool,
+    pub access_map: bool,
+    pub lua: bool,
+}
+
+impl Installed {
+    pub fn any(&self) -> bool {
+        self.cfg || self.backends_map || self.access_map || self.lua
+    }
+}
+
+/// Writes the rendered files under `paths` (atomically, only those that changed).
+pub fn install(paths: &Paths, r: &Rendered) -> std::io::Result<Installed> {
+    std::fs::create_dir_all(&paths.maps_dir)?;
+    Ok(Installed {
+        // Maps and Lua first: the config refers to them.
+        backends_map: fsutil::write_if_changed(
+            &paths.backends_map,
+            r.backends_map.as_bytes(),
+            0o644,
+        )?,
+        access_map: fsutil::write_if_changed(&paths.access_map, r.access_map.as_bytes(), 0o644)?,
+        lua: fsutil::write_if_changed(&paths.lua, LUA_ROUTER.as_bytes(), 0o644)?,
+        cfg: fsutil::write_if_changed(&paths.haproxy_cfg, r.cfg.as_bytes(), 0o644)?,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("cannot run {binary} to check the configuration: {source} (install HAProxy 2.6+ or set haproxy.binary in the agent settings)")]
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot stage the candidate configuration in {dir}: {source}")]
+    Stage {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("HAProxy rejected the configuration:\n{message}")]
+    Rejected { message: String },
+}
+
+/// Renders `tenants` into the staging directory and runs `haproxy -c` on it. The live files are
+/// not touched; on success the same render can be installed for real.
+pub async fn check(agent: &Agent, tenants: &Tenants) -> Result<(), CheckError> {
+    let staged = agent.paths.with_haproxy_dir(&agent.paths.staging_dir);
+    let rendered = render(&agent.settings, &staged, tenants);
+    install(&staged, &rendered).map_err(|source| CheckError::Stage {
+        dir: staged.haproxy_dir.clone(),
+        source,
+    })?;
+    check_file(&agent.settings.haproxy.binary, &staged.haproxy_cfg).await
+}
+
+/// Runs `haproxy -c -f cfg` and returns HAProxy's own words when it refuses.
+pub async fn check_file(binary: &Path, cfg: &Path) -> Result<(), CheckError> {
+    let out = tokio::process::Command::new(binary)
+        .arg("-c")
+        .arg("-q")
+        .arg("-f")
+        .arg(cfg)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| CheckError::Spawn {
+            binary: binary.to_owned(),
+            source,
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let mut message = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !stdout.trim().is_empty() {
+        message.push('\n');
+        message.push_str(stdout.trim());
+    }
+    if message.is_empty() {
+        message = format!("haproxy -c exited with {}", out.status);
+    }
+    Err(CheckError::Rejected { message })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenants::validate;
+
+    /// Fixed settings for golden files: paths under /srv/pgs.
+    fn golden(tenants_json: &str, mode: ConfigMode) -> Rendered {
+        let mut settings = Settings::default();
+        settings.haproxy.mode = mode;
+        let paths = Paths::new(Path::new("/srv/pgs/pgs.toml"), &settings);
+        let doc: serde_json::Value = serde_json::from_str(tenants_json).unwrap();
+        render(&settings, &paths, &validate(&doc).unwrap())
+    }
+
+    /// Compares with the checked-in golden file; `PGS_BLESS=1 cargo test` rewrites it.
+    fn assert_golden(name: &str, actual: &str) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name);
+        if std::env::var_os("PGS_BLESS").is_some() {
+            std::fs::write(&path, actual).unwrap();
+        }
+        let expected = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (run with PGS_BLESS=1 to create)", path.display()));
+        assert!(
+            expected == actual,
+            "{} differs from the render; run with PGS_BLESS=1 to accept:\n{actual}",
+            path.display()
+        );
+    }
+
+    pub(crate) const TWO_TENANTS: &str = r#"{"version": 1, "tenants": {
+        "acme":   {"access": "enabled",  "external": {"address": "/run/pg/acme/.s.PGSQL.5432"}},
+        "globex": {"access": "disabled", "external": {"address": "127.0.0.1:5433"}},
+        "initech": {"access": "enabled", "managed": {}}
+    }}"#;
+
+    #[test]
+    fn two_tenants_full_config() {
+        let r = golden(TWO_TENANTS, ConfigMode::Full);
+        assert_golden("two-tenants.cfg", &r.cfg);
+        assert_golden("two-tenants.backends.map", &r.backends_map);
+        assert_golden("two-tenants.access.map", &r.access_map);
+    }
+
+    #[test]
+    fn fragment_mode_has_no_global_settings() {
+        let r = golden(TWO_TENANTS, ConfigMode::Fragment);
+        assert_golden("two-tenants.fragment.cfg", &r.cfg);
+        assert!(!r.cfg.contains("stats socket"));
+        assert!(r.cfg.contains("lua-load /srv/pgs/haproxy/pg-route.lua"));
+    }
+
+    #[test]
+    fn empty_tenants_render_a_frontend_that_refuses_everyone() {
+        let r = golden(r#"{"version": 1, "tenants": {}}"#, ConfigMode::Full);
+        assert_golden("empty.cfg", &r.cfg);
+        assert!(!r
+            .cfg
+            .lines()
+            .any(|l| l.trim_start().starts_with("default_backend")));
+        assert!(!r.cfg.contains("\nbackend "));
+    }
+
+    #[test]
+    fn only_enabled_tenants_are_in_the_access_map() {
+        let r = golden(TWO_TENANTS, ConfigMode::Full);
+        assert!(r.access_map.contains("acme enabled\n"));
+        assert!(!r.access_map.contains("globex"));
+        assert!(r.backends_map.contains("globex pgs_globex\n"));
+        assert!(r
+            .cfg
+            .contains("server initech unix@/srv/pgs/run/tenants/initech/.s.PGSQL.5432"));
+    }
+
+    #[test]
+    fn install_writes_only_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings::default();
+        let paths = Paths::new(&dir.path().join("pgs.toml"), &settings);
+        let doc: serde_json::Value = serde_json::from_str(TWO_TENANTS).unwrap();
+        let r = render(&settings, &paths, &validate(&doc).unwrap());
+        assert!(install(&paths, &r).unwrap().cfg);
+        assert_eq!(install(&paths, &r).unwrap(), Installed::default());
+    }
+}

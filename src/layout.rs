@@ -1,0 +1,69 @@
+//! `init`: creates a self-contained layout (settings, empty tenants file, folders) that works
+//! without root. It never overwrites an existing layout.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+use crate::fsutil;
+use crate::settings::{Paths, Settings};
+use crate::tenants;
+
+/// Creates the layout in `dir` and returns the path of its settings file.
+pub fn init(dir: &Path, settings: &Settings) -> anyhow::Result<PathBuf> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let config = dir.join("pgs.toml");
+    let paths = Paths::new(&config, settings);
+    for existing in [&config, &paths.tenants_file] {
+        if existing.exists() {
+            bail!(
+                "{} already exists: {} already holds a pgs layout. Use it with \
+                 `pgs-agent -c {}`, or choose an empty directory",
+                existing.display(),
+                dir.display(),
+                config.display()
+            );
+        }
+    }
+    for d in [
+        &paths.state_dir,
+        &paths.run_dir,
+        &paths.tenant_sockets_dir,
+        &paths.haproxy_dir,
+        &paths.maps_dir,
+    ] {
+        fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    fs::create_dir_all(&paths.secrets_dir)
+        .and_then(|()| fs::set_permissions(&paths.secrets_dir, fs::Permissions::from_mode(0o700)))
+        .with_context(|| format!("cannot create {}", paths.secrets_dir.display()))?;
+    fsutil::write_atomic(&paths.tenants_file, tenants::empty_file().as_bytes(), 0o644)
+        .with_context(|| format!("cannot write {}", paths.tenants_file.display()))?;
+    // The settings file goes last: its presence marks a complete layout.
+    fsutil::write_atomic(&config, settings.to_commented_toml().as_bytes(), 0o644)
+        .with_context(|| format!("cannot write {}", config.display()))?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_creates_a_loadable_layout_and_refuses_a_second_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Settings::default();
+        s.haproxy.listen = "127.0.0.1:7000".into();
+        let config = init(dir.path(), &s).unwrap();
+        let agent = crate::settings::Agent::load(&config).unwrap();
+        assert_eq!(agent.settings.haproxy.listen, "127.0.0.1:7000");
+        assert!(tenants::load(&agent.paths.tenants_file).unwrap().is_empty());
+        let mode = fs::metadata(&agent.paths.secrets_dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let err = init(dir.path(), &s).unwrap_err().to_string();
+        assert!(err.contains("already holds a pgs layout"), "{err}");
+    }
+}

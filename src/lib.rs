@@ -1,0 +1,20 @@
+//! pgs-agent: the control plane that gives every tenant its own PostgreSQL server behind one
+//! HAProxy port. HAProxy is the data plane; this crate renders its files and drives it.
+//!
+//! # Layout
+//! - `cli`       — clap definitions only.
+//! - `commands`  — what each CLI command does, in terms of the modules below.
+//! - `settings`  — agent settings (`pgs.toml`) and `Paths`, where every file path comes from.
+//! - `layout`    — `init`: a new self-contained layout.
+//! - `tenants`   — the tenants file: raw JSON → validated `Tenants`, `TenantId`, locked writer.
+//! - `haproxy`   — rendered files and `haproxy -c` (`render`), Runtime API (`runtime`),
+//!                 master CLI (`master`).
+//! - `fsutil`    — atomic writes and file locks.
+
+pub mod cli;
+pub mod commands;
+pub mod fsutil;
+pub mod haproxy;
+pub mod layout;
+pub mod settings;
+pub mod tenants;

@@ -1,0 +1,338 @@
+//! Agent settings (`pgs.toml`) and `Paths`, the one place every file path is derived from.
+//! Relative paths in the settings are relative to the directory of the settings file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// Where the agent looks for its settings when neither `-c` nor `PGS_CONFIG` says.
+pub const DEFAULT_CONFIG: &str = "/etc/pgs/pgs.toml";
+
+/// The listen address `init` writes when none is given: loopback, and not PostgreSQL's own port,
+/// so a development layout never fights a local server.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The desired state.
+    #[serde(default = "d_tenants_file")]
+    pub tenants_file: PathBuf,
+    /// Secrets (tenant passwords, API token), mode 0700.
+    #[serde(default = "d_state_dir")]
+    pub state_dir: PathBuf,
+    /// Sockets, pid files and per-tenant socket directories.
+    #[serde(default = "d_run_dir")]
+    pub run_dir: PathBuf,
+    /// What the agent renders for HAProxy: pgs.cfg, maps/, pg-route.lua.
+    #[serde(default = "d_haproxy_dir")]
+    pub haproxy_dir: PathBuf,
+    #[serde(default)]
+    pub haproxy: HaproxySettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HaproxySettings {
+    /// `bind` address of the PostgreSQL frontend.
+    #[serde(default = "d_listen")]
+    pub listen: String,
+    /// The HAProxy executable.
+    #[serde(default = "d_binary")]
+    pub binary: PathBuf,
+    /// Admin stats socket (Runtime API); default `<run_dir>/admin.sock`.
+    pub admin_socket: Option<PathBuf>,
+    /// Master CLI socket (`haproxy -W -S`); default `<run_dir>/master.sock`.
+    pub master_socket: Option<PathBuf>,
+    /// `full`: pgs.cfg is HAProxy's whole configuration, with its own `global` section.
+    /// `fragment`: pgs.cfg holds only pgs's frontend, backends and Lua, loaded with a second `-f`
+    /// beside the operator's haproxy.cfg, which owns `global` (stats socket, logging, pidfile).
+    #[serde(default)]
+    pub mode: ConfigMode,
+    /// How long a client may take to send its startup packet (`tcp-request inspect-delay`).
+    #[serde(default = "d_startup_timeout")]
+    pub startup_timeout: String,
+    /// Idle timeout of client and server sides of an established session.
+    #[serde(default = "d_session_timeout")]
+    pub session_timeout: String,
+    /// Timeout for connecting to a tenant's server.
+    #[serde(default = "d_connect_timeout")]
+    pub connect_timeout: String,
+    /// Where HAProxy sends its log (the argument of the global `log` keyword).
+    #[serde(default = "d_log")]
+    pub log: String,
+    /// Maximum concurrent client connections to the frontend.
+    #[serde(default = "d_maxconn")]
+    pub maxconn: u32,
+    /// Old workers that still serve sessions after a reload are stopped after this long
+    /// (`hard-stop-after`); unset means they live until their last session ends.
+    pub hard_stop_after: Option<String>,
+    /// `nbthread`; unset lets HAProxy pick one per CPU.
+    pub threads: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfigMode {
+    #[default]
+    Full,
+    Fragment,
+}
+
+fn d_tenants_file() -> PathBuf {
+    "tenants.json".into()
+}
+fn d_state_dir() -> PathBuf {
+    "state".into()
+}
+fn d_run_dir() -> PathBuf {
+    "run".into()
+}
+fn d_haproxy_dir() -> PathBuf {
+    "haproxy".into()
+}
+fn d_listen() -> String {
+    DEFAULT_LISTEN.into()
+}
+fn d_binary() -> PathBuf {
+    "haproxy".into()
+}
+fn d_startup_timeout() -> String {
+    "5s".into()
+}
+fn d_session_timeout() -> String {
+    "1h".into()
+}
+fn d_connect_timeout() -> String {
+    "5s".into()
+}
+fn d_log() -> String {
+    "stderr format short local0 info".into()
+}
+fn d_maxconn() -> u32 {
+    10_000
+}
+
+impl Default for HaproxySettings {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+impl Settings {
+    pub fn parse(text: &str) -> anyhow::Result<Settings> {
+        let s: Settings = toml::from_str(text)?;
+        s.check()?;
+        Ok(s)
+    }
+
+    /// Rejects values HAProxy would misread; says which key and what is expected.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let h = &self.haproxy;
+        for (name, v) in [
+            ("haproxy.startup_timeout", &h.startup_timeout),
+            ("haproxy.session_timeout", &h.session_timeout),
+            ("haproxy.connect_timeout", &h.connect_timeout),
+        ]
+        .into_iter()
+        .chain(h.hard_stop_after.as_ref().map(|v| ("haproxy.hard_stop_after", v)))
+        {
+            if !is_haproxy_duration(v) {
+                bail!("{name} = {v:?} is not a duration like \"500ms\", \"5s\", \"10m\" or \"1h\"");
+            }
+        }
+        if h.listen.is_empty() || h.listen.chars().any(|c| c.is_whitespace() || c == '#') {
+            bail!(
+                "haproxy.listen = {:?} is not a bind address like \"127.0.0.1:6432\"",
+                h.listen
+            );
+        }
+        if h.log.chars().any(|c| c.is_control() || c == '#') {
+            bail!("haproxy.log must be one line without '#'");
+        }
+        Ok(())
+    }
+
+    /// The settings file `init` writes: every default spelled out, so it documents itself.
+    pub fn to_commented_toml(&self) -> String {
+        let body = toml::to_string(self).unwrap_or_default();
+        format!(
+            "# pgs-agent settings. Relative paths are relative to this file's directory.\n\
+             # Every key is optional; `pgs-agent --help` and README.md explain them.\n{body}"
+        )
+    }
+}
+
+/// Accepts what HAProxy's time parser accepts for our uses: digits and an optional unit.
+pub fn is_haproxy_duration(s: &str) -> bool {
+    let digits = s.chars().take_while(|c| c.is_ascii_digit()).count();
+    digits > 0 && matches!(&s[digits..], "" | "us" | "ms" | "s" | "m" | "h" | "d")
+}
+
+/// Every path the agent touches, absolute, derived from the settings in one place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Paths {
+    pub config: PathBuf,
+    pub tenants_file: PathBuf,
+    pub state_dir: PathBuf,
+    /// Generated secrets, mode 0700.
+    pub secrets_dir: PathBuf,
+    pub run_dir: PathBuf,
+    /// One directory per tenant holding its server's unix socket.
+    pub tenant_sockets_dir: PathBuf,
+    pub admin_socket: PathBuf,
+    pub master_socket: PathBuf,
+    pub pidfile: PathBuf,
+    /// Serializes reconcilers (daemon, `sync`) so there is one writer of HAProxy's files.
+    pub agent_lock: PathBuf,
+    pub haproxy_dir: PathBuf,
+    pub haproxy_cfg: PathBuf,
+    pub maps_dir: PathBuf,
+    pub backends_map: PathBuf,
+    pub access_map: PathBuf,
+    pub lua: PathBuf,
+    /// Candidate files are rendered and checked here before the real ones are replaced.
+    pub staging_dir: PathBuf,
+}
+
+impl Paths {
+    pub fn new(config: &Path, s: &Settings) -> Paths {
+        let config = absolute(config);
+        let base = config
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| PathBuf::from("/"));
+        let at = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
+        let run_dir = at(&s.run_dir);
+        let state_dir = at(&s.state_dir);
+        let haproxy_dir = at(&s.haproxy_dir);
+        let maps_dir = haproxy_dir.join("maps");
+        Paths {
+            tenants_file: at(&s.tenants_file),
+            secrets_dir: state_dir.join("secrets"),
+            tenant_sockets_dir: run_dir.join("tenants"),
+            admin_socket: s
+                .haproxy
+                .admin_socket
+                .as_deref()
+                .map(&at)
+                .unwrap_or_else(|| run_dir.join("admin.sock")),
+            master_socket: s
+                .haproxy
+                .master_socket
+                .as_deref()
+                .map(&at)
+                .unwrap_or_else(|| run_dir.join("master.sock")),
+            pidfile: run_dir.join("haproxy.pid"),
+            agent_lock: run_dir.join("agent.lock"),
+            haproxy_cfg: haproxy_dir.join("pgs.cfg"),
+            backends_map: maps_dir.join("backends.map"),
+            access_map: maps_dir.join("access.map"),
+            lua: haproxy_dir.join("pg-route.lua"),
+            staging_dir: haproxy_dir.join(".staging"),
+            maps_dir,
+            haproxy_dir,
+            run_dir,
+            state_dir,
+            config,
+        }
+    }
+
+    /// The same layout with the rendered HAProxy files moved under `dir` (for checking a
+    /// candidate without touching the live files).
+    pub fn with_haproxy_dir(&self, dir: &Path) -> Paths {
+        let maps_dir = dir.join("maps");
+        Paths {
+            haproxy_dir: dir.to_owned(),
+            haproxy_cfg: dir.join("pgs.cfg"),
+            backends_map: maps_dir.join("backends.map"),
+            access_map: maps_dir.join("access.map"),
+            lua: dir.join("pg-route.lua"),
+            staging_dir: dir.join(".staging"),
+            maps_dir,
+            ..self.clone()
+        }
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_owned())
+    }
+}
+
+/// Settings and paths, loaded together.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub settings: Settings,
+    pub paths: Paths,
+}
+
+impl Agent {
+    pub fn load(config: &Path) -> anyhow::Result<Agent> {
+        let text = std::fs::read_to_string(config).with_context(|| {
+            format!(
+                "cannot read agent settings {}; create a layout with `pgs-agent init DIR` \
+                 and pass `-c DIR/pgs.toml` (or set PGS_CONFIG)",
+                config.display()
+            )
+        })?;
+        let settings = Settings::parse(&text)
+            .with_context(|| format!("agent settings {} are not valid", config.display()))?;
+        let paths = Paths::new(config, &settings);
+        Ok(Agent { settings, paths })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_the_written_file() {
+        let s = Settings::default();
+        let text = s.to_commented_toml();
+        assert_eq!(Settings::parse(&text).unwrap(), s);
+        assert!(text.contains("listen = \"127.0.0.1:6432\""), "{text}");
+    }
+
+    #[test]
+    fn relative_paths_hang_off_the_settings_file() {
+        let p = Paths::new(Path::new("/srv/pgs/pgs.toml"), &Settings::default());
+        assert_eq!(p.tenants_file, Path::new("/srv/pgs/tenants.json"));
+        assert_eq!(p.admin_socket, Path::new("/srv/pgs/run/admin.sock"));
+        assert_eq!(p.access_map, Path::new("/srv/pgs/haproxy/maps/access.map"));
+        let staged = p.with_haproxy_dir(Path::new("/tmp/x"));
+        assert_eq!(staged.lua, Path::new("/tmp/x/pg-route.lua"));
+        assert_eq!(staged.admin_socket, p.admin_socket);
+    }
+
+    #[test]
+    fn bad_settings_are_explained() {
+        let err = Settings::parse("[haproxy]\nstartup_timeout = \"soon\"\n").unwrap_err();
+        assert!(err.to_string().contains("haproxy.startup_timeout"), "{err}");
+        let err = Settings::parse("tenant_file = \"x\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
+    }
+
+    #[test]
+    fn durations() {
+        for ok in ["5s", "500ms", "1h", "30", "2d"] {
+            assert!(is_haproxy_duration(ok), "{ok}");
+        }
+        for bad in ["", "s", "5 s", "5x", "-1s"] {
+            assert!(!is_haproxy_duration(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,874 @@
+//! The tenants file (desired state): parsing in two stages (JSON text → untyped value → validated
+//! `Tenants`, every problem reported with its place), the `TenantId` type, and the locked atomic
+//! writer that edits the file in place. It never talks to HAProxy or Docker.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::fsutil::{self, FileLock};
+
+/// The only schema version this agent reads and writes.
+pub const VERSION: u64 = 1;
+
+/// Longest tenant id: PostgreSQL truncates identifiers at 63 bytes.
+const MAX_ID_LEN: usize = 63;
+
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_UNIX_PATH: usize = 107;
+
+/// A validated tenant id: `^[a-z][a-z0-9_]{0,62}$`. It becomes a PostgreSQL role, a HAProxy
+/// backend name, a map key, a container name and a directory name, so it is checked once, here.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(transparent)]
+pub struct TenantId(String);
+
+impl TenantId {
+    pub fn parse(s: &str) -> Result<TenantId, String> {
+        let first_ok = s.chars().next().is_some_and(|c| c.is_ascii_lowercase());
+        let rest_ok = s
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if s.is_empty() {
+            Err("tenant id is empty".into())
+        } else if s.len() > MAX_ID_LEN {
+            Err(format!(
+                "tenant id is {} characters long; the limit is {MAX_ID_LEN}",
+                s.len()
+            ))
+        } else if !first_ok || !rest_ok {
+            Err(format!(
+                "tenant id {s:?} is not valid: use a lowercase letter, then lowercase letters, digits or '_'"
+            ))
+        } else {
+            Ok(TenantId(s.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The HAProxy backend (and map value) that routes to this tenant.
+    pub fn backend_name(&self) -> String {
+        format!("pgs_{}", self.0)
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for TenantId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TenantId::parse(s)
+    }
+}
+
+/// Whether new connections may reach the tenant. Disabled is the default: secure unless asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    Enabled,
+    #[default]
+    Disabled,
+}
+
+impl Access {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Enabled => "enabled",
+            Access::Disabled => "disabled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Access> {
+        match s {
+            "enabled" => Some(Access::Enabled),
+            "disabled" => Some(Access::Disabled),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a PostgreSQL server listens, as HAProxy will dial it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum Address {
+    /// A unix socket file, e.g. `/run/postgresql/.s.PGSQL.5432`.
+    Unix(PathBuf),
+    /// `host:port`; the host is an IPv4 address, a bracketed IPv6 address or a DNS name.
+    Tcp(String),
+}
+
+impl Address {
+    pub fn parse(s: &str) -> Result<Address, String> {
+        // Everything here ends up as one token of haproxy.cfg: refuse what could split it.
+        if let Some(bad) = s
+            .chars()
+            .find(|c| c.is_whitespace() || c.is_control() || "#\"'\\$%{}".contains(*c))
+        {
+            return Err(format!("address {s:?} contains {bad:?}, which is not allowed"));
+        }
+        if s.starts_with('/') {
+            if s.len() > MAX_UNIX_PATH {
+                return Err(format!(
+                    "unix socket path is {} bytes; the system limit is {MAX_UNIX_PATH}",
+                    s.len()
+                ));
+            }
+            if s.ends_with('/') {
+                return Err(format!(
+                    "address {s:?} is a directory: give the socket file, e.g. {s}.s.PGSQL.5432"
+                ));
+            }
+            return Ok(Address::Unix(PathBuf::from(s)));
+        }
+        let Some((host, port)) = s.rsplit_once(':') else {
+            return Err(format!(
+                "address {s:?} is neither a unix socket path (starting with '/') nor host:port"
+            ));
+        };
+        let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+        if !port_ok {
+            return Err(format!("address {s:?} has no valid port (1-65535)"));
+        }
+        let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            v6.parse::<std::net::Ipv6Addr>().is_ok()
+        } else {
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        };
+        if !host_ok {
+            return Err(format!("address {s:?} has no valid host"));
+        }
+        Ok(Address::Tcp(s.to_owned()))
+    }
+
+    /// The address in HAProxy's `server` syntax.
+    pub fn haproxy(&self) -> String {
+        match self {
+            Address::Unix(p) => format!("unix@{}", p.display()),
+            Address::Tcp(hp) => hp.clone(),
+        }
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Unix(p) => write!(f, "{}", p.display()),
+            Address::Tcp(hp) => f.write_str(hp),
+        }
+    }
+}
+
+/// A PostgreSQL server that pgs runs for the tenant in a container of its own.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct ManagedSpec {
+    /// Container image; `None` means the agent's default image.
+    pub image: Option<String>,
+    /// Memory limit in bytes.
+    pub memory: Option<u64>,
+    /// CPU limit in cores (fractions allowed).
+    pub cpus: Option<f64>,
+    /// PostgreSQL `max_connections`.
+    pub max_connections: Option<u32>,
+    /// Extra `postgres -c name=value` settings.
+    pub settings: BTreeMap<String, String>,
+    /// Host files run once at first start (`.sql` or `.sh`), in order.
+    pub init_scripts: Vec<PathBuf>,
+}
+
+/// What serves the tenant.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Instance {
+    /// A server pgs routes to but does not run.
+    External { address: Address },
+    /// A server pgs runs (Docker).
+    Managed(ManagedSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Tenant {
+    pub id: TenantId,
+    pub access: Access,
+    pub instance: Instance,
+}
+
+/// The validated desired state.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct Tenants {
+    pub tenants: BTreeMap<TenantId, Tenant>,
+}
+
+impl Tenants {
+    pub fn get(&self, id: &TenantId) -> Option<&Tenant> {
+        self.tenants.get(id)
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Tenant> {
+        self.tenants.values()
+    }
+    pub fn len(&self) -> usize {
+        self.tenants.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tenants.is_empty()
+    }
+}
+
+/// One thing wrong with a tenants file, and where.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    /// A dotted path into the document, e.g. `tenants.acme.access`; empty for the whole file.
+    pub place: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.place.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.place, self.message)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read tenants file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("tenants file {path} is not valid JSON: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("tenants file {path} has {} problem(s):\n{}", problems.len(), list(problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The text of a new, empty tenants file.
+pub fn empty_file() -> String {
+    format!("{{\n  \"version\": {VERSION},\n  \"tenants\": {{}}\n}}\n")
+}
+
+/// Reads and validates the tenants file at `path`.
+pub fn load(path: &Path) -> Result<Tenants, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let value = parse_json(path, &text)?;
+    validate(&value).map_err(|problems| LoadError::Invalid {
+        path: path.to_owned(),
+        problems,
+    })
+}
+
+fn parse_json(path: &Path, text: &str) -> Result<Value, LoadError> {
+    serde_json::from_str(text).map_err(|e| LoadError::Syntax {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Stage two: the untyped document → validated `Tenants`, collecting every problem.
+pub fn validate(doc: &Value) -> Result<Tenants, Vec<Problem>> {
+    let mut v = Validator::default();
+    let Some(obj) = v.object(doc, "") else {
+        return Err(v.problems);
+    };
+    v.known_keys(obj, "", &["version", "tenants"]);
+    match obj.get("version") {
+        None => v.problem("version", format!("missing; add \"version\": {VERSION}")),
+        Some(Value::Number(n)) if n.as_u64() == Some(VERSION) => {}
+        Some(other) => v.problem(
+            "version",
+            format!("unsupported version {other}; this agent reads version {VERSION}"),
+        ),
+    }
+    let mut tenants = BTreeMap::new();
+    match obj.get("tenants") {
+        None => v.problem("tenants", "missing; add \"tenants\": {}"),
+        Some(t) => {
+            if let Some(map) = v.object(t, "tenants") {
+                for (key, spec) in map {
+                    let place = format!("tenants.{key}");
+                    let id = match TenantId::parse(key) {
+                        Ok(id) => Some(id),
+                        Err(e) => {
+                            v.problem(&place, e);
+                            None
+                        }
+                    };
+                    let tenant = v.tenant(spec, &place);
+                    if let (Some(id), Some((access, instance))) = (id, tenant) {
+                        tenants.insert(
+                            id.clone(),
+                            Tenant {
+                                id,
+                                access,
+                                instance,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if v.problems.is_empty() {
+        Ok(Tenants { tenants })
+    } else {
+        Err(v.problems)
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn problem(&mut self, place: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            place: place.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn object<'a>(&mut self, value: &'a Value, place: &str) -> Option<&'a Map<String, Value>> {
+        match value {
+            Value::Object(m) => Some(m),
+            other => {
+                self.problem(
+                    place,
+                    format!("expected an object, found {}", kind_of(other)),
+                );
+                None
+            }
+        }
+    }
+
+    /// Unknown keys are errors (a typo like `acess` must not silently mean "disabled"), except
+    /// keys starting with `x-`, which are kept for people's own notes and tooling.
+    fn known_keys(&mut self, obj: &Map<String, Value>, place: &str, known: &[&str]) {
+        for key in obj.keys() {
+            if !known.contains(&key.as_str()) && !key.starts_with("x-") {
+                self.problem(
+                    &join(place, key),
+                    format!(
+                        "unknown field; expected one of: {} (or a key starting with \"x-\")",
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    fn tenant(&mut self, spec: &Value, place: &str) -> Option<(Access, Instance)> {
+        let obj = self.object(spec, place)?;
+        self.known_keys(obj, place, &["access", "external", "managed"]);
+        let access = match obj.get("access") {
+            None => Some(Access::default()),
+            Some(Value::String(s)) if Access::parse(s).is_some() => Access::parse(s),
+            Some(other) => {
+                self.problem(
+                    &join(place, "access"),
+                    format!("expected \"enabled\" or \"disabled\", found {other}"),
+                );
+                None
+            }
+        };
+        let instance = match (obj.get("external"), obj.get("managed")) {
+            (Some(_), Some(_)) => {
+                self.problem(place, "has both \"external\" and \"managed\"; keep one");
+                None
+            }
+            (None, None) => {
+                self.problem(
+                    place,
+                    "needs \"external\": {\"address\": ...} or \"managed\": {}",
+                );
+                None
+            }
+            (Some(ext), None) => self.external(ext, &join(place, "external")),
+            (None, Some(m)) => self.managed(m, &join(place, "managed")),
+        };
+        Some((access?, instance?))
+    }
+
+    fn external(&mut self, value: &Value, place: &str) -> Option<Instance> {
+        let obj = self.object(value, place)?;
+        self.known_keys(obj, place, &["address"]);
+        let at = join(place, "address");
+        match obj.get("address") {
+            None => {
+                self.problem(&at, "missing; give a unix socket path or host:port");
+                None
+            }
+            Some(Value::String(s)) => match Address::parse(s) {
+                Ok(address) => Some(Instance::External { address }),
+                Err(e) => {
+                    self.problem(&at, e);
+                    None
+                }
+            },
+            Some(other) => {
+                self.problem(&at, format!("expected a string, found {}", kind_of(other)));
+                None
+            }
+        }
+    }
+
+    fn managed(&mut self, value: &Value, place: &str) -> Option<Instance> {
+        let obj = self.object(value, place)?;
+        self.known_keys(
+            obj,
+            place,
+            &[
+                "image",
+                "memory",
+                "cpus",
+                "max_connections",
+                "settings",
+                "init_scripts",
+            ],
+        );
+        let before = self.problems.len();
+        let mut spec = ManagedSpec::default();
+        if let Some(v) = obj.get("image") {
+            match v.as_str() {
+                Some(s) if valid_image(s) => spec.image = Some(s.to_owned()),
+                _ => self.problem(
+                    &join(place, "image"),
+                    format!("expected an image reference like \"pgs/postgres:15\", found {v}"),
+                ),
+            }
+        }
+        if let Some(v) = obj.get("memory") {
+            match v.as_str().map(parse_size) {
+                Some(Ok(bytes)) if bytes >= 64 << 20 => spec.memory = Some(bytes),
+                Some(Ok(_)) => self.problem(
+                    &join(place, "memory"),
+                    "PostgreSQL needs at least 64m to start reliably",
+                ),
+                Some(Err(e)) => self.problem(&join(place, "memory"), e),
+                None => self.problem(
+                    &join(place, "memory"),
+                    format!("expected a size string like \"256m\" or \"1g\", found {v}"),
+                ),
+            }
+        }
+        if let Some(v) = obj.get("cpus") {
+            match v.as_f64() {
+                Some(c) if c > 0.0 && c <= 1024.0 => spec.cpus = Some(c),
+                _ => self.problem(
+                    &join(place, "cpus"),
+                    format!("expected a number of cores greater than 0, like 0.5, found {v}"),
+                ),
+            }
+        }
+        if let Some(v) = obj.get("max_connections") {
+            match v.as_u64() {
+                Some(n @ 1..=10_000) => spec.max_connections = Some(n as u32),
+                _ => self.problem(
+                    &join(place, "max_connections"),
+                    format!("expected a whole number from 1 to 10000, found {v}"),
+                ),
+            }
+        }
+        if let Some(v) = obj.get("settings") {
+            let at = join(place, "settings");
+            if let Some(map) = self.object(v, &at) {
+                for (name, value) in map {
+                    let here = join(&at, name);
+                    let name_ok = !name.is_empty()
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.".contains(c));
+                    if !name_ok {
+                        self.problem(&here, "not a PostgreSQL setting name");
+                        continue;
+                    }
+                    let text = match value {
+                        Value::String(s) => s.clone(),
+                        Value::Number(n) => n.to_string(),
+                        Value::Bool(b) => if *b { "on" } else { "off" }.to_owned(),
+                        other => {
+                            self.problem(
+                                &here,
+                                format!("expected a string, number or boolean, found {}", kind_of(other)),
+                            );
+                            continue;
+                        }
+                    };
+                    if text.chars().any(|c| c.is_control()) {
+                        self.problem(&here, "value contains a control character");
+                        continue;
+                    }
+                    spec.settings.insert(name.clone(), text);
+                }
+            }
+        }
+        if let Some(v) = obj.get("init_scripts") {
+            let at = join(place, "init_scripts");
+            match v.as_array() {
+                Some(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let here = format!("{at}[{i}]");
+                        match item.as_str() {
+                            Some(s) if s.ends_with(".sql") || s.ends_with(".sh") => {
+                                spec.init_scripts.push(PathBuf::from(s))
+                            }
+                            _ => self.problem(
+                                &here,
+                                format!("expected a path to a .sql or .sh file, found {item}"),
+                            ),
+                        }
+                    }
+                }
+                None => self.problem(&at, format!("expected a list of paths, found {v}")),
+            }
+        }
+        (self.problems.len() == before).then_some(Instance::Managed(spec))
+    }
+}
+
+fn valid_image(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "./:_-@".contains(c))
+}
+
+/// Parses a size like `256m`, `1g`, `512MiB` or a plain byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like \"256m\" or \"1g\""))?;
+    let mult: u64 = match unit.trim() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("{s:?} has an unknown unit; use k, m or g")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn join(place: &str, key: &str) -> String {
+    if place.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{place}.{key}")
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The tenants file opened for an edit: holds the exclusive lock from `open` until drop, so two
+/// writers (CLI, API, daemon) never lose each other's updates. Edits work on the JSON document,
+/// so fields this agent does not know, and other tenants, are kept as they were.
+#[derive(Debug)]
+pub struct TenantsFileEdit {
+    path: PathBuf,
+    doc: Value,
+    _lock: FileLock,
+}
+
+impl TenantsFileEdit {
+    pub fn open(path: &Path) -> Result<TenantsFileEdit, LoadError> {
+        let lock = FileLock::exclusive(&lock_path(path)).map_err(|source| LoadError::Io {
+            path: lock_path(path),
+            source,
+        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let doc = parse_json(path, &text)?;
+        Ok(TenantsFileEdit {
+            path: path.to_owned(),
+            doc,
+            _lock: lock,
+        })
+    }
+
+    /// The document as it is now, validated.
+    pub fn tenants(&self) -> Result<Tenants, LoadError> {
+        validate(&self.doc).map_err(|problems| LoadError::Invalid {
+            path: self.path.clone(),
+            problems,
+        })
+    }
+
+    /// The raw JSON object of one tenant, to edit in place.
+    pub fn tenant_mut(&mut self, id: &TenantId) -> Option<&mut Map<String, Value>> {
+        self.doc
+            .get_mut("tenants")?
+            .get_mut(id.as_str())?
+            .as_object_mut()
+    }
+
+    /// The `tenants` object, to add or remove entries.
+    pub fn tenants_mut(&mut self) -> Option<&mut Map<String, Value>> {
+        self.doc.get_mut("tenants")?.as_object_mut()
+    }
+
+    /// Validates the edited document and, only if it is valid, replaces the file atomically.
+    pub fn commit(self) -> Result<Tenants, CommitError> {
+        let tenants = validate(&self.doc).map_err(|problems| {
+            CommitError::Invalid(LoadError::Invalid {
+                path: self.path.clone(),
+                problems,
+            })
+        })?;
+        let mut text = serde_json::to_string_pretty(&self.doc).expect("a JSON value serializes");
+        text.push('\n');
+        fsutil::write_atomic(&self.path, text.as_bytes(), 0o644).map_err(|source| {
+            CommitError::Write {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        Ok(tenants)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("the change would make the tenants file invalid; nothing was written: {0}")]
+    Invalid(LoadError),
+    #[error("cannot write tenants file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The sidecar lock file that serializes writers of `path`.
+pub fn lock_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "tenants.json".into());
+    path.with_file_name(format!(".{name}.lock"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn problems(doc: Value) -> Vec<String> {
+        validate(&doc)
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_documented_example_loads() {
+        let t = validate(&json!({"version": 1, "tenants": {
+            "acme":   {"access": "enabled",  "external": {"address": "/run/pg/acme/.s.PGSQL.5432"}},
+            "globex": {"access": "disabled", "external": {"address": "127.0.0.1:5433"}}
+        }}))
+        .unwrap();
+        let acme = t.get(&TenantId::parse("acme").unwrap()).unwrap();
+        assert_eq!(acme.access, Access::Enabled);
+        assert_eq!(
+            acme.instance,
+            Instance::External {
+                address: Address::Unix("/run/pg/acme/.s.PGSQL.5432".into())
+            }
+        );
+        let globex = t.get(&TenantId::parse("globex").unwrap()).unwrap();
+        assert_eq!(
+            globex.instance,
+            Instance::External {
+                address: Address::Tcp("127.0.0.1:5433".into())
+            }
+        );
+    }
+
+    #[test]
+    fn access_defaults_to_disabled() {
+        let t = validate(&json!({"version": 1, "tenants": {
+            "acme": {"external": {"address": "127.0.0.1:5432"}}}}))
+        .unwrap();
+        assert_eq!(t.iter().next().unwrap().access, Access::Disabled);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_place() {
+        let got = problems(json!({"version": 2, "extra": 1, "tenants": {
+            "Acme": {"external": {"address": "127.0.0.1:5432"}},
+            "ok_one": {"access": "on", "external": {"address": "nohost"}},
+            "two": {"acess": "enabled", "external": {"address": "/tmp/x/"}},
+            "three": {},
+            "four": {"external": {"address": 5}, "managed": {}},
+        }}));
+        let want = [
+            "extra: unknown field",
+            "version: unsupported version 2",
+            "tenants.Acme: tenant id \"Acme\" is not valid",
+            "tenants.ok_one.access: expected \"enabled\" or \"disabled\", found \"on\"",
+            "tenants.ok_one.external.address: address \"nohost\" is neither",
+            "tenants.two.acess: unknown field",
+            "tenants.two.external.address: address \"/tmp/x/\" is a directory",
+            "tenants.three: needs \"external\"",
+            "tenants.four: has both \"external\" and \"managed\"",
+        ];
+        for w in want {
+            assert!(
+                got.iter().any(|g| g.starts_with(w)),
+                "missing {w:?} in {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), want.len(), "{got:#?}");
+    }
+
+    #[test]
+    fn tenant_ids_follow_the_pattern() {
+        for ok in ["a", "acme", "a_1", &"a".repeat(63)] {
+            assert!(TenantId::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "1a", "_a", "ACME", "a-b", "a b", "acme\0x", "é", &"a".repeat(64)] {
+            assert!(TenantId::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn addresses_are_checked_for_haproxy_safety() {
+        assert_eq!(
+            Address::parse("/run/pg/.s.PGSQL.5432").unwrap().haproxy(),
+            "unix@/run/pg/.s.PGSQL.5432"
+        );
+        assert_eq!(Address::parse("[::1]:5432").unwrap().haproxy(), "[::1]:5432");
+        assert_eq!(Address::parse("db.internal:5432").unwrap().haproxy(), "db.internal:5432");
+        for bad in [
+            "/a b/.s.PGSQL.5432",
+            "/x\n/y",
+            "host:0",
+            "host:99999",
+            ":5432",
+            "[zz]:5432",
+            "host",
+            "/#/s",
+        ] {
+            assert!(Address::parse(bad).is_err(), "{bad:?}");
+        }
+        let long = format!("/{}", "a".repeat(107));
+        assert!(Address::parse(&long).unwrap_err().contains("system limit"));
+    }
+
+    #[test]
+    fn managed_specs_are_validated() {
+        let t = validate(&json!({"version": 1, "tenants": {"acme": {"managed": {
+            "image": "pgs/postgres:15", "memory": "256m", "cpus": 0.5, "max_connections": 20,
+            "settings": {"work_mem": "4MB", "jit": false, "shared_buffers": 16384},
+            "init_scripts": ["init/schema.sql"]
+        }}}}))
+        .unwrap();
+        let Instance::Managed(m) = &t.iter().next().unwrap().instance else {
+            panic!("not managed")
+        };
+        assert_eq!(m.memory, Some(256 << 20));
+        assert_eq!(m.settings["jit"], "off");
+        assert_eq!(m.settings["shared_buffers"], "16384");
+        let got = problems(json!({"version": 1, "tenants": {"acme": {"managed": {
+            "memory": "lots", "cpus": 0, "max_connections": 0,
+            "settings": {"Bad-Name": "1", "ok": [1]}, "init_scripts": ["x.txt"]
+        }}}}));
+        assert_eq!(got.len(), 6, "{got:#?}");
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("256m"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert!(parse_size("1t").is_err());
+        assert!(parse_size("m").is_err());
+    }
+
+    #[test]
+    fn syntax_errors_say_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tenants.json");
+        std::fs::write(&path, "{\"version\": 1,\n \"tenants\": {,}}").unwrap();
+        let err = load(&path).unwrap_err().to_string();
+        assert!(err.contains("line 2 column"), "{err}");
+    }
+
+    #[test]
+    fn edits_keep_unknown_fields_and_refuse_invalid_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tenants.json");
+        std::fs::write(
+            &path,
+            r#"{"version": 1, "x-owner": "ops", "tenants": {
+                "acme": {"x-note": "keep me", "external": {"address": "127.0.0.1:5432"}},
+                "globex": {"access": "enabled", "external": {"address": "127.0.0.1:5433"}}}}"#,
+        )
+        .unwrap();
+        let id = TenantId::parse("acme").unwrap();
+        let mut edit = TenantsFileEdit::open(&path).unwrap();
+        edit.tenant_mut(&id)
+            .unwrap()
+            .insert("access".into(), json!("enabled"));
+        edit.commit().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("keep me") && text.contains("x-owner"), "{text}");
+        assert_eq!(load(&path).unwrap().get(&id).unwrap().access, Access::Enabled);
+
+        let mut edit = TenantsFileEdit::open(&path).unwrap();
+        edit.tenant_mut(&id)
+            .unwrap()
+            .insert("access".into(), json!("maybe"));
+        assert!(matches!(edit.commit(), Err(CommitError::Invalid(_))));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    }
+}
