@@ -111,7 +111,7 @@ fn d_log() -> String {
     "stderr format short local0 info".into()
 }
 fn d_maxconn() -> u32 {
-    10_000
+    2_000
 }
 
 impl Default for HaproxySettings {

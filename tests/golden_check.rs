@@ -1,0 +1,57 @@
+//! Every golden config (tests/golden/*.cfg, checked by the render unit tests) is also accepted
+//! by the real `haproxy -c`, with its paths moved into a temp dir.
+
+use crate::support::{have_tools, temp_dir};
+use std::process::Command;
+
+#[test]
+fn golden_configs_pass_haproxy_check() {
+    if !have_tools(&["haproxy"]) {
+        return;
+    }
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&golden).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("cfg") {
+            continue;
+        }
+        let dir = temp_dir();
+        let root = dir.path().to_str().unwrap();
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("/srv/pgs", root);
+        std::fs::create_dir_all(dir.path().join("haproxy/maps")).unwrap();
+        std::fs::create_dir_all(dir.path().join("run")).unwrap();
+        for map in ["backends.map", "access.map"] {
+            std::fs::write(dir.path().join("haproxy/maps").join(map), "").unwrap();
+        }
+        std::fs::write(
+            dir.path().join("haproxy/pg-route.lua"),
+            include_str!("../lua/pg-route.lua"),
+        )
+        .unwrap();
+        let mut cfg = dir.path().join("pgs.cfg");
+        if text.contains("Fragment mode") {
+            // A fragment is loaded after the operator's own file, which owns `global`.
+            let base = dir.path().join("operator.cfg");
+            std::fs::write(&base, "global\n    log stderr format short local0\n").unwrap();
+            std::fs::write(&cfg, &text).unwrap();
+            cfg = base.clone();
+            let out = Command::new("haproxy")
+                .args(["-c", "-f"])
+                .arg(&cfg)
+                .arg("-f")
+                .arg(dir.path().join("pgs.cfg"))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        } else {
+            std::fs::write(&cfg, &text).unwrap();
+            let out = Command::new("haproxy").args(["-c", "-f"]).arg(&cfg).output().unwrap();
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        }
+        checked += 1;
+    }
+    assert!(checked >= 3, "expected the golden configs, found {checked}");
+}

@@ -1,0 +1,12 @@
+//! The integration suite: one binary, real HAProxy, PostgreSQL (and, later, dockerd).
+//! `PGS_REQUIRE_INTEGRATION=1` (set by .ci/run) turns a missing tool into a failure.
+
+#[path = "support/mod.rs"]
+mod support;
+
+#[path = "golden_check.rs"]
+mod golden_check;
+#[path = "protocol.rs"]
+mod protocol;
+#[path = "routing.rs"]
+mod routing;
