@@ -9,12 +9,14 @@
 //! - `tenants`   — the tenants file: raw JSON → validated `Tenants`, `TenantId`, locked writer.
 //! - `haproxy`   — rendered files and `haproxy -c` (`render`), Runtime API (`runtime`),
 //!                 master CLI (`master`).
+//! - `instances` — drivers that run managed tenants' servers (`docker`).
 //! - `fsutil`    — atomic writes and file locks.
 
 pub mod cli;
 pub mod commands;
 pub mod fsutil;
 pub mod haproxy;
+pub mod instances;
 pub mod layout;
 pub mod settings;
 pub mod tenants;

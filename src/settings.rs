@@ -30,6 +30,36 @@ pub struct Settings {
     pub haproxy_dir: PathBuf,
     #[serde(default)]
     pub haproxy: HaproxySettings,
+    #[serde(default)]
+    pub docker: DockerSettings,
+}
+
+/// How managed tenants run on the Docker engine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DockerSettings {
+    /// The engine's API socket.
+    #[serde(default = "d_docker_socket")]
+    pub socket: PathBuf,
+    /// Prefix of container and volume names and value of the `io.pgs.installation` label, so two
+    /// installations (or parallel tests) on one engine never touch each other's objects.
+    #[serde(default = "d_prefix")]
+    pub prefix: String,
+    /// Image for managed tenants that name none (`docker/build-image.sh` builds it).
+    #[serde(default = "d_image")]
+    pub default_image: String,
+    /// Memory limit for tenants that set none.
+    #[serde(default = "d_memory")]
+    pub default_memory: String,
+    /// PostgreSQL `max_connections` for tenants that set none.
+    #[serde(default = "d_max_connections")]
+    pub default_max_connections: u32,
+    /// Process limit per container.
+    #[serde(default = "d_pids_limit")]
+    pub pids_limit: i64,
+    /// How long a new or restarted server may take to accept logins, in seconds.
+    #[serde(default = "d_ready_timeout")]
+    pub ready_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -110,11 +140,38 @@ fn d_connect_timeout() -> String {
 fn d_log() -> String {
     "stderr format short local0 info".into()
 }
+fn d_docker_socket() -> PathBuf {
+    "/var/run/docker.sock".into()
+}
+fn d_prefix() -> String {
+    "pgs".into()
+}
+fn d_image() -> String {
+    "pgs/postgres:15".into()
+}
+fn d_memory() -> String {
+    "256m".into()
+}
+fn d_max_connections() -> u32 {
+    20
+}
+fn d_pids_limit() -> i64 {
+    200
+}
+fn d_ready_timeout() -> u64 {
+    60
+}
 fn d_maxconn() -> u32 {
     2_000
 }
 
 impl Default for HaproxySettings {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+impl Default for DockerSettings {
     fn default() -> Self {
         toml::from_str("").expect("defaults deserialize")
     }
@@ -157,6 +214,18 @@ impl Settings {
         if h.log.chars().any(|c| c.is_control() || c == '#') {
             bail!("haproxy.log must be one line without '#'");
         }
+        let d = &self.docker;
+        let prefix_ok = d.prefix.len() <= 40
+            && d.prefix.starts_with(|c: char| c.is_ascii_lowercase())
+            && d.prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !prefix_ok {
+            bail!(
+                "docker.prefix = {:?} must be up to 40 lowercase letters, digits or '-', starting with a letter",
+                d.prefix
+            );
+        }
+        crate::tenants::parse_size(&d.default_memory)
+            .map_err(|e| anyhow::anyhow!("docker.default_memory: {e}"))?;
         Ok(())
     }
 
@@ -243,6 +312,16 @@ impl Paths {
             state_dir,
             config,
         }
+    }
+
+    /// The directory bind-mounted as a managed tenant's `/var/run/postgresql`.
+    pub fn tenant_socket_dir(&self, id: &crate::tenants::TenantId) -> PathBuf {
+        self.tenant_sockets_dir.join(id.as_str())
+    }
+
+    /// The generated password of a managed tenant's PostgreSQL superuser.
+    pub fn tenant_password_file(&self, id: &crate::tenants::TenantId) -> PathBuf {
+        self.secrets_dir.join(format!("{id}.password"))
     }
 
     /// The same layout with the rendered HAProxy files moved under `dir` (for checking a

@@ -21,9 +21,24 @@ const MAX_UNIX_PATH: usize = 107;
 
 /// A validated tenant id: `^[a-z][a-z0-9_]{0,62}$`. It becomes a PostgreSQL role, a HAProxy
 /// backend name, a map key, a container name and a directory name, so it is checked once, here.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(transparent)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct TenantId(String);
+
+impl TryFrom<String> for TenantId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        TenantId::parse(&s)
+    }
+}
+
+impl From<TenantId> for String {
+    fn from(id: TenantId) -> String {
+        id.0
+    }
+}
 
 impl TenantId {
     pub fn parse(s: &str) -> Result<TenantId, String> {
@@ -177,7 +192,8 @@ impl fmt::Display for Address {
 }
 
 /// A PostgreSQL server that pgs runs for the tenant in a container of its own.
-#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ManagedSpec {
     /// Container image; `None` means the agent's default image.
     pub image: Option<String>,
