@@ -7,6 +7,7 @@
 //! - `settings`  — agent settings (`pgs.toml`) and `Paths`, where every file path comes from.
 //! - `layout`    — `init`: a new self-contained layout.
 //! - `tenants`   — the tenants file: raw JSON → validated `Tenants`, `TenantId`, locked writer.
+//! - `plan`      — the pure planner: (desired, observed) → `Plan`.
 //! - `haproxy`   — rendered files and `haproxy -c` (`render`), Runtime API (`runtime`),
 //!                 master CLI (`master`).
 //! - `instances` — drivers that run managed tenants' servers (`docker`).
@@ -18,5 +19,6 @@ pub mod fsutil;
 pub mod haproxy;
 pub mod instances;
 pub mod layout;
+pub mod plan;
 pub mod settings;
 pub mod tenants;
