@@ -30,40 +30,60 @@ if ! command -v dockerd >/dev/null 2>&1; then
 fi
 command -v docker >/dev/null 2>&1 || die "docker client not found in PATH"
 
+wait_ready() {  # $1 = pid; returns 0 ready, 1 dockerd exited, 2 timeout
+    local deadline=$(( $(date +%s) + TIMEOUT ))
+    while ! docker info >/dev/null 2>&1; do
+        kill -0 "$1" 2>/dev/null || return 1
+        [ "$(date +%s)" -lt "$deadline" ] || return 2
+        sleep 0.5
+    done
+}
+
+start() {  # $1 = storage driver; sets pid
+    mkdir -p "$(dirname "$LOG")"
+    # No iptables management: the pgs containers run with --network none.
+    # shellcheck disable=SC2086,SC2206
+    local args=(--iptables=false --ip6tables=false --storage-driver="$1" ${PGS_DOCKERD_ARGS:-})
+    say "starting dockerd ${args[*]} (log: $LOG)"
+    setsid nohup dockerd "${args[@]}" >>"$LOG" 2>&1 </dev/null &
+    pid=$!
+    disown "$pid" 2>/dev/null || true
+}
+
+fail() {
+    say "$1; last log lines:" >&2
+    tail -n 30 "$LOG" >&2 || true
+    exit 1
+}
+
 # A dockerd may be running but not answering yet (e.g. started seconds ago).
 if pid=$(pgrep -x dockerd | head -n1) && [ -n "$pid" ]; then
     say "dockerd already running (pid $pid) but not answering yet; waiting for it"
+    wait_ready "$pid" && rc=0 || rc=$?
 else
     driver=${PGS_DOCKERD_STORAGE:-}
+    auto=0
     if [ -z "$driver" ]; then
+        auto=1
         if grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null; then
             driver=overlay2
         else
             driver=vfs
         fi
     fi
-    mkdir -p "$(dirname "$LOG")"
-    # No iptables management: the pgs containers run with --network none.
-    # shellcheck disable=SC2086
-    args=(--iptables=false --ip6tables=false --storage-driver="$driver" ${PGS_DOCKERD_ARGS:-})
-    say "starting dockerd ${args[*]} (log: $LOG)"
-    setsid nohup dockerd "${args[@]}" >>"$LOG" 2>&1 </dev/null &
-    pid=$!
-    disown "$pid" 2>/dev/null || true
+    start "$driver"
+    wait_ready "$pid" && rc=0 || rc=$?
+    if [ "$rc" = 1 ] && [ "$auto" = 1 ] && [ "$driver" = overlay2 ]; then
+        # e.g. overlay not usable on this backing filesystem (nested containers)
+        say "dockerd exited with overlay2; retrying with the vfs storage driver"
+        tail -n 5 "$LOG" | sed 's/^/  | /'
+        driver=vfs
+        start "$driver"
+        wait_ready "$pid" && rc=0 || rc=$?
+    fi
 fi
-
-deadline=$(( $(date +%s) + TIMEOUT ))
-while ! docker info >/dev/null 2>&1; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-        say "dockerd (pid $pid) exited; last log lines:" >&2
-        tail -n 30 "$LOG" >&2 || true
-        exit 1
-    fi
-    if [ "$(date +%s)" -ge "$deadline" ]; then
-        say "dockerd (pid $pid) not answering after ${TIMEOUT}s; last log lines:" >&2
-        tail -n 30 "$LOG" >&2 || true
-        exit 1
-    fi
-    sleep 0.5
-done
+case "$rc" in
+    1) fail "dockerd (pid $pid) exited" ;;
+    2) fail "dockerd (pid $pid) not answering after ${TIMEOUT}s" ;;
+esac
 say "engine ready: pid $pid, server $(docker info --format '{{.ServerVersion}} storage={{.Driver}} cgroup={{.CgroupVersion}}' 2>/dev/null), log $LOG"

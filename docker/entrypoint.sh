@@ -1,0 +1,174 @@
+#!/bin/bash
+# pgs PostgreSQL entrypoint: a small work-alike of the official postgres
+# image's docker-entrypoint.sh, for an image that runs as uid 999 from the
+# start (no gosu/su, no root phase).
+#
+# Environment (same names as the official image):
+#   PGDATA                   data directory (default /var/lib/postgresql/data)
+#   POSTGRES_USER            superuser created by initdb (default postgres)
+#   POSTGRES_PASSWORD_FILE   file whose first line is the superuser password
+#                            (preferred; POSTGRES_PASSWORD is accepted as a
+#                            fallback but then shows up in `docker inspect`)
+#   POSTGRES_DB              database created at first init (default = user)
+#   POSTGRES_INITDB_ARGS     extra initdb arguments (word-split)
+# First-init scripts: /docker-entrypoint-initdb.d/*.sh|*.sql|*.sql.gz, in
+# lexical order, run against a temporary server on a private socket dir
+# (no TCP), so a socket in /var/run/postgresql only ever means "the final
+# server". The password is never printed nor put in any process' argv.
+set -Eeuo pipefail
+shopt -s nullglob
+
+log() { printf '%s [entrypoint] %s\n' "$(date -u '+%Y-%m-%d %H:%M:%S UTC')" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+SOCKET_DIR=/var/run/postgresql
+INIT_SOCKET_DIR=/tmp/pginit
+
+# `docker run img -c foo=bar` → `postgres -c foo=bar`
+if [ "$#" -eq 0 ] || [ "${1:0:1}" = '-' ]; then
+    set -- postgres "$@"
+fi
+
+# Anything other than the server (psql, bash, ...) runs as is.
+if [ "$1" != postgres ] && [ "$1" != postmaster ]; then
+    exec "$@"
+fi
+
+export PGDATA="${PGDATA:-/var/lib/postgresql/data}"
+: "${POSTGRES_USER:=postgres}"
+: "${POSTGRES_DB:=$POSTGRES_USER}"
+
+uid=$(id -u)
+if [ "$uid" = 0 ]; then
+    die "this image runs PostgreSQL as uid 999 (user postgres) and has no root phase; do not use --user 0/root"
+fi
+if ! id -un >/dev/null 2>&1; then
+    die "uid $uid has no /etc/passwd entry (initdb needs one); run the container as uid 999 (the image default)"
+fi
+
+# --- data directory checks -------------------------------------------------
+if [ ! -d "$PGDATA" ]; then
+    mkdir -p "$PGDATA" 2>/dev/null && chmod 0700 "$PGDATA" \
+        || die "PGDATA $PGDATA does not exist and cannot be created by uid $uid (parent not writable)"
+fi
+if [ ! -w "$PGDATA" ] || [ ! -x "$PGDATA" ]; then
+    die "PGDATA $PGDATA is not writable by uid $uid (owner: $(stat -c '%u:%g mode %a' "$PGDATA")); chown it to 999:999"
+fi
+# postgres insists on 0700/0750; fixable only by the owner.
+chmod 0700 "$PGDATA" 2>/dev/null || true
+
+if [ -d "$SOCKET_DIR" ] && [ ! -w "$SOCKET_DIR" ]; then
+    die "socket dir $SOCKET_DIR is not writable by uid $uid (owner: $(stat -c '%u:%g mode %a' "$SOCKET_DIR")); chown the bind-mounted directory to 999 or make it group/world-writable"
+fi
+
+# --- first init --------------------------------------------------------------
+if [ -e "$PGDATA/.pgs-init-incomplete" ]; then
+    die "PGDATA $PGDATA holds an interrupted first initialization (.pgs-init-incomplete); empty the directory to re-initialize"
+fi
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+    pwfile=
+    cleanup_pw=
+    if [ -n "${POSTGRES_PASSWORD_FILE:-}" ]; then
+        [ -z "${POSTGRES_PASSWORD:-}" ] || die "both POSTGRES_PASSWORD and POSTGRES_PASSWORD_FILE are set; use only POSTGRES_PASSWORD_FILE"
+        [ -e "$POSTGRES_PASSWORD_FILE" ] || die "POSTGRES_PASSWORD_FILE=$POSTGRES_PASSWORD_FILE does not exist (is the secret mounted?)"
+        [ -r "$POSTGRES_PASSWORD_FILE" ] || die "POSTGRES_PASSWORD_FILE=$POSTGRES_PASSWORD_FILE is not readable by uid $uid"
+        [ -s "$POSTGRES_PASSWORD_FILE" ] || die "POSTGRES_PASSWORD_FILE=$POSTGRES_PASSWORD_FILE is empty"
+        pwfile=$POSTGRES_PASSWORD_FILE
+    elif [ -n "${POSTGRES_PASSWORD:-}" ]; then
+        pwfile=$(mktemp /tmp/pgpw.XXXXXX)   # mode 0600
+        cleanup_pw=$pwfile
+        printf '%s\n' "$POSTGRES_PASSWORD" >"$pwfile"
+    else
+        die "no superuser password: set POSTGRES_PASSWORD_FILE to a file (mounted read-only, readable by uid 999) containing the password"
+    fi
+    unset POSTGRES_PASSWORD
+
+    if [ -n "$(ls -A "$PGDATA" 2>/dev/null)" ]; then
+        die "PGDATA $PGDATA is not empty but has no PG_VERSION (contents: $(ls -A "$PGDATA" | head -5 | tr '\n' ' ')); use an empty directory (e.g. a subdirectory of a mount point)"
+    fi
+
+    # bash as PID 1 ignores SIGINT/SIGTERM unless trapped: make `docker stop`
+    # during first init quick; the half-initialized PGDATA is marked and then
+    # rejected on the next start instead of being served half-done.
+    trap 'log "interrupted during first init"
+          [ -z "$(ls -A "$PGDATA" 2>/dev/null)" ] || touch "$PGDATA/.pgs-init-incomplete"
+          pg_ctl -D "$PGDATA" -m immediate -w stop >/dev/null 2>&1; exit 130' INT TERM
+
+    log "initializing database cluster in $PGDATA (superuser $POSTGRES_USER)"
+    # shellcheck disable=SC2086
+    if ! PGPASSFILE=/dev/null initdb --username="$POSTGRES_USER" --pwfile="$pwfile" \
+            --auth-local=scram-sha-256 --auth-host=scram-sha-256 \
+            --encoding=UTF8 --locale=C.UTF-8 \
+            ${POSTGRES_INITDB_ARGS:-} >/tmp/initdb.log 2>&1; then
+        [ -z "$cleanup_pw" ] || rm -f "$cleanup_pw"
+        cat /tmp/initdb.log >&2
+        die "initdb failed"
+    fi
+    [ -z "$cleanup_pw" ] || rm -f "$cleanup_pw"
+    rm -f /tmp/initdb.log
+    touch "$PGDATA/.pgs-init-incomplete"   # removed once init scripts are done
+
+    # Image defaults; anything passed as `postgres -c k=v` overrides these.
+    cat >>"$PGDATA/postgresql.conf" <<EOF
+
+# --- added by the pgs image entrypoint at first init ---
+listen_addresses = ''
+unix_socket_directories = '$SOCKET_DIR'
+password_encryption = 'scram-sha-256'
+EOF
+
+    # Temporary server: private socket dir, no TCP, trust auth via a
+    # temporary hba file (the dir is 0700, only this container can reach it).
+    rm -rf "$INIT_SOCKET_DIR"
+    mkdir -m 0700 "$INIT_SOCKET_DIR"
+    printf 'local all all trust\n' >"$INIT_SOCKET_DIR/pg_hba.conf"
+    log "starting temporary server on $INIT_SOCKET_DIR"
+    pg_ctl -D "$PGDATA" -w -t 60 -l "$INIT_SOCKET_DIR/server.log" \
+        -o "-c listen_addresses='' -c unix_socket_directories=$INIT_SOCKET_DIR -c hba_file=$INIT_SOCKET_DIR/pg_hba.conf" \
+        start >/dev/null \
+        || { cat "$INIT_SOCKET_DIR/server.log" >&2; die "temporary server did not start"; }
+
+    export PGHOST=$INIT_SOCKET_DIR PGUSER=$POSTGRES_USER
+    psql=(psql -X -q -v ON_ERROR_STOP=1 --no-password --username "$POSTGRES_USER")
+
+    if [ "$POSTGRES_DB" != postgres ]; then
+        exists=$("${psql[@]}" --dbname postgres -tA --set db="$POSTGRES_DB" \
+            <<<"SELECT 1 FROM pg_database WHERE datname = :'db';")
+        if [ -z "$exists" ]; then
+            log "creating database $POSTGRES_DB"
+            "${psql[@]}" --dbname postgres --set db="$POSTGRES_DB" <<<'CREATE DATABASE :"db";'
+        fi
+    fi
+    psql+=(--dbname "$POSTGRES_DB")
+    export PGDATABASE=$POSTGRES_DB
+
+    for f in /docker-entrypoint-initdb.d/*; do
+        case "$f" in
+            *.sh)
+                if [ -x "$f" ]; then
+                    log "running $f"; "$f"
+                else
+                    log "sourcing $f"
+                    # shellcheck disable=SC1090
+                    . "$f"
+                fi ;;
+            *.sql)    log "running $f"; "${psql[@]}" -f "$f" ;;
+            *.sql.gz) log "running $f"; gzip -dc "$f" | "${psql[@]}" ;;
+            *.sql.xz) log "running $f"; xz -dc "$f" | "${psql[@]}" ;;
+            *.sql.zst) log "running $f"; zstd -dc "$f" | "${psql[@]}" ;;
+            *)        log "ignoring $f" ;;
+        esac
+    done
+
+    log "stopping temporary server"
+    pg_ctl -D "$PGDATA" -m fast -w -t 60 stop >/dev/null \
+        || { cat "$INIT_SOCKET_DIR/server.log" >&2; die "temporary server did not stop"; }
+    rm -rf "$INIT_SOCKET_DIR"
+    unset PGHOST PGUSER PGDATABASE
+    rm -f "$PGDATA/.pgs-init-incomplete"
+    trap - INT TERM
+    log "init complete"
+fi
+
+log "starting postgres (socket dir $SOCKET_DIR)"
+exec "$@"
