@@ -1,0 +1,410 @@
+//! The Docker instance driver against the real engine and the real tenant image: isolation,
+//! persistence across restarts, removal with and without purge, spec changes, crashes, and that
+//! the generated password never shows in `docker inspect` or `docker logs`.
+
+use std::time::{Duration, Instant};
+
+use bollard::query_parameters::{KillContainerOptionsBuilder, LogsOptionsBuilder};
+use futures_util::StreamExt;
+use pgs_agent::instances::docker::DockerDriver;
+use pgs_agent::instances::{DriverError, InstanceDriver, ObservedInstance, Removed, RunState};
+use pgs_agent::tenants::{ManagedSpec, TenantId};
+
+use crate::support::docker::{docker, DockerEnv};
+use crate::support::{have_tools, psql};
+
+const READY: Duration = Duration::from_secs(60);
+
+fn tenant(s: &str) -> TenantId {
+    TenantId::parse(s).unwrap()
+}
+
+/// The engine, the image and psql, or `None` (skip).
+fn setup() -> Option<DockerEnv> {
+    if !have_tools(&["psql"]) {
+        return None;
+    }
+    DockerEnv::new()
+}
+
+async fn up(driver: &DockerDriver, id: &TenantId, spec: &ManagedSpec) {
+    driver.ensure(id, spec).await.unwrap();
+    driver.wait_ready(id, READY).await.unwrap();
+}
+
+/// Runs SQL as the tenant's superuser straight through its socket directory.
+fn sql(env: &DockerEnv, driver: &DockerDriver, id: &TenantId, text: &str) -> String {
+    let (ok, out, err) = psql(&env.conninfo(id), &driver.password(id).unwrap(), text);
+    assert!(ok, "{id}: {text}: {err}");
+    out
+}
+
+async fn observed(driver: &DockerDriver, id: &TenantId) -> Option<ObservedInstance> {
+    driver
+        .observe()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|o| &o.tenant == id)
+}
+
+fn container_id(name: &str) -> String {
+    let out = docker(&["inspect", "-f", "{{.Id}}", name]);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test]
+async fn two_tenants_are_isolated_and_keep_data_across_restarts() {
+    let Some(env) = setup() else { return };
+    let driver = env.driver().await;
+    let (acme, globex) = (tenant("acme"), tenant("globex"));
+    env.write_file(
+        "init/schema.sql",
+        "CREATE TABLE seeded (v text); INSERT INTO seeded VALUES ('from init');",
+    );
+    let acme_spec = ManagedSpec {
+        init_scripts: vec!["init/schema.sql".into()],
+        ..Default::default()
+    };
+    let globex_spec = ManagedSpec::default();
+    let t0 = Instant::now();
+    tokio::join!(
+        up(&driver, &acme, &acme_spec),
+        up(&driver, &globex, &globex_spec)
+    );
+    eprintln!("two new tenants ready in {:?}", t0.elapsed());
+
+    assert_eq!(
+        sql(&env, &driver, &acme, "SELECT v FROM seeded"),
+        "from init"
+    );
+    sql(
+        &env,
+        &driver,
+        &acme,
+        "CREATE TABLE t (v text); INSERT INTO t VALUES ('acme only')",
+    );
+    sql(
+        &env,
+        &driver,
+        &globex,
+        "CREATE TABLE t (v text); INSERT INTO t VALUES ('globex only')",
+    );
+    assert_eq!(
+        sql(&env, &driver, &acme, "SELECT string_agg(v, ',') FROM t"),
+        "acme only"
+    );
+    assert_eq!(
+        sql(&env, &driver, &globex, "SELECT string_agg(v, ',') FROM t"),
+        "globex only"
+    );
+    assert_eq!(
+        sql(
+            &env,
+            &driver,
+            &globex,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'seeded'"
+        ),
+        "0"
+    );
+    // globex's credentials do not open acme's server, and the passwords differ.
+    let (pa, pg) = (
+        driver.password(&acme).unwrap(),
+        driver.password(&globex).unwrap(),
+    );
+    assert_ne!(pa, pg);
+    let across = format!(
+        "host={} user=globex dbname=acme",
+        env.paths.tenant_socket_dir(&acme).display()
+    );
+    assert!(!psql(&across, &pg, "SELECT 1").0);
+    let (ok, _, err) = psql(&env.conninfo(&acme), &pg, "SELECT 1");
+    assert!(
+        !ok && err.contains("password authentication failed"),
+        "{err}"
+    );
+
+    // The settings the driver chose are in effect, and the server listens on no TCP port.
+    assert_eq!(sql(&env, &driver, &acme, "SHOW shared_buffers"), "16MB");
+    assert_eq!(sql(&env, &driver, &acme, "SHOW max_connections"), "20");
+    assert_eq!(sql(&env, &driver, &acme, "SHOW listen_addresses"), "");
+
+    let all = driver.observe().await.unwrap();
+    assert_eq!(all.len(), 2, "{all:#?}");
+    for o in &all {
+        assert_eq!(o.state, Some(RunState::Running), "{o:?}");
+        assert_eq!(
+            o.container.as_deref(),
+            Some(driver.container_name(&o.tenant).as_str())
+        );
+        assert_eq!(
+            o.volume.as_deref(),
+            Some(driver.volume_name(&o.tenant).as_str())
+        );
+    }
+    assert_eq!(
+        observed(&driver, &acme).await.unwrap().spec,
+        Some(acme_spec.clone())
+    );
+
+    // The password is in no inspect output (env, args, labels) and no log line.
+    let engine = bollard::Docker::connect_with_unix(
+        env.settings.socket.to_str().unwrap(),
+        60,
+        bollard::API_DEFAULT_VERSION,
+    )
+    .unwrap()
+    .negotiate_version()
+    .await
+    .unwrap();
+    for (id, password) in [(&acme, &pa), (&globex, &pg)] {
+        let name = driver.container_name(id);
+        let inspect = engine.inspect_container(&name, None).await.unwrap();
+        let text = serde_json::to_string(&inspect).unwrap();
+        assert!(text.contains("POSTGRES_PASSWORD_FILE"), "{text}");
+        assert!(
+            !text.contains(password.as_str()),
+            "password in docker inspect of {name}"
+        );
+        let options = LogsOptionsBuilder::new().stdout(true).stderr(true).build();
+        let logs: Vec<_> = engine.logs(&name, Some(options)).collect().await;
+        let logs: String = logs.into_iter().map(|l| l.unwrap().to_string()).collect();
+        assert!(logs.contains("init complete"), "{logs}");
+        assert!(
+            !logs.contains(password.as_str()),
+            "password in docker logs of {name}"
+        );
+    }
+
+    // Stop → observed stopped; ensure starts it again and the data is still there.
+    driver.stop(&acme).await.unwrap();
+    assert_eq!(
+        observed(&driver, &acme).await.unwrap().state,
+        Some(RunState::Stopped)
+    );
+    driver.stop(&acme).await.unwrap(); // stopping a stopped server is fine
+    let id_before = container_id(&driver.container_name(&acme));
+    up(&driver, &acme, &acme_spec).await;
+    assert_eq!(
+        container_id(&driver.container_name(&acme)),
+        id_before,
+        "restarted, not replaced"
+    );
+    assert_eq!(sql(&env, &driver, &acme, "SELECT v FROM t"), "acme only");
+    // And an engine-side restart.
+    engine
+        .restart_container(&driver.container_name(&acme), None)
+        .await
+        .unwrap();
+    driver.wait_ready(&acme, READY).await.unwrap();
+    assert_eq!(sql(&env, &driver, &acme, "SELECT v FROM t"), "acme only");
+}
+
+#[tokio::test]
+async fn remove_keeps_the_volume_unless_purged() {
+    let Some(env) = setup() else { return };
+    let driver = env.driver().await;
+    let id = tenant("keeper");
+    let spec = ManagedSpec::default();
+    up(&driver, &id, &spec).await;
+    sql(&env, &driver, &id, "CREATE TABLE t AS SELECT 'kept' AS v");
+    let (container, volume) = (driver.container_name(&id), driver.volume_name(&id));
+
+    let removed = driver.remove(&id, false).await.unwrap();
+    assert_eq!(
+        removed,
+        Removed {
+            container: Some(container.clone()),
+            volume: Some(volume.clone()),
+            volume_purged: false
+        }
+    );
+    assert!(env.containers().is_empty());
+    assert_eq!(env.volumes(), std::slice::from_ref(&volume));
+    let o = observed(&driver, &id).await.unwrap();
+    assert_eq!(
+        (o.container, o.state, o.volume),
+        (None, None, Some(volume.clone()))
+    );
+
+    // Re-created on the old volume, with the kept password: the data is back.
+    up(&driver, &id, &spec).await;
+    assert_eq!(sql(&env, &driver, &id, "SELECT v FROM t"), "kept");
+
+    let removed = driver.remove(&id, true).await.unwrap();
+    assert_eq!(
+        removed,
+        Removed {
+            container: Some(container),
+            volume: Some(volume),
+            volume_purged: true
+        }
+    );
+    assert!(env.containers().is_empty() && env.volumes().is_empty());
+    assert!(driver.observe().await.unwrap().is_empty());
+    assert!(!env.paths.tenant_password_file(&id).exists());
+
+    // Removing, stopping what is gone: nothing to do, not an error. Starting it is one.
+    let removed = driver.remove(&id, true).await.unwrap();
+    assert_eq!(
+        removed,
+        Removed {
+            container: None,
+            volume: None,
+            volume_purged: false
+        }
+    );
+    driver.stop(&id).await.unwrap();
+    assert!(driver.start(&id).await.is_err());
+}
+
+#[tokio::test]
+async fn a_spec_change_replaces_the_container_and_keeps_the_data() {
+    let Some(env) = setup() else { return };
+    let driver = env.driver().await;
+    let id = tenant("grower");
+    let small = ManagedSpec {
+        max_connections: Some(20),
+        ..Default::default()
+    };
+    up(&driver, &id, &small).await;
+    sql(
+        &env,
+        &driver,
+        &id,
+        "CREATE TABLE t AS SELECT 'survives' AS v",
+    );
+    let name = driver.container_name(&id);
+    let first = container_id(&name);
+
+    // Same spec again: nothing changes.
+    driver.ensure(&id, &small).await.unwrap();
+    assert_eq!(container_id(&name), first);
+
+    let bigger = ManagedSpec {
+        max_connections: Some(30),
+        settings: [("work_mem".to_owned(), "8MB".to_owned())].into(),
+        ..small.clone()
+    };
+    driver.ensure(&id, &bigger).await.unwrap();
+    driver.wait_ready(&id, READY).await.unwrap();
+    assert_ne!(container_id(&name), first, "replaced");
+    assert_eq!(sql(&env, &driver, &id, "SHOW max_connections"), "30");
+    assert_eq!(sql(&env, &driver, &id, "SHOW work_mem"), "8MB");
+    assert_eq!(sql(&env, &driver, &id, "SELECT v FROM t"), "survives");
+    assert_eq!(observed(&driver, &id).await.unwrap().spec, Some(bigger));
+    assert_eq!(env.volumes().len(), 1);
+}
+
+#[tokio::test]
+async fn a_killed_container_is_observed_and_recovered() {
+    let Some(env) = setup() else { return };
+    let driver = env.driver().await;
+    let id = tenant("victim");
+    let spec = ManagedSpec::default();
+    up(&driver, &id, &spec).await;
+    sql(
+        &env,
+        &driver,
+        &id,
+        "CREATE TABLE t AS SELECT 'durable' AS v",
+    );
+
+    let engine = bollard::Docker::connect_with_unix(
+        env.settings.socket.to_str().unwrap(),
+        60,
+        bollard::API_DEFAULT_VERSION,
+    )
+    .unwrap()
+    .negotiate_version()
+    .await
+    .unwrap();
+    let kill = KillContainerOptionsBuilder::new().signal("SIGKILL").build();
+    engine
+        .kill_container(&driver.container_name(&id), Some(kill))
+        .await
+        .unwrap();
+    let state = observed(&driver, &id).await.unwrap().state;
+    assert_ne!(state, Some(RunState::Running), "{state:?}");
+    assert!(
+        driver.wait_ready(&id, READY).await.is_err(),
+        "a dead server is not ready"
+    );
+
+    // The next ensure starts it; crash recovery keeps committed data.
+    up(&driver, &id, &spec).await;
+    assert_eq!(
+        observed(&driver, &id).await.unwrap().state,
+        Some(RunState::Running)
+    );
+    assert_eq!(sql(&env, &driver, &id, "SELECT v FROM t"), "durable");
+}
+
+#[tokio::test]
+async fn failures_are_explained_and_foreign_objects_left_alone() {
+    let Some(env) = setup() else { return };
+    let driver = env.driver().await;
+
+    let missing = ManagedSpec {
+        image: Some("pgs/no-such-image:0".into()),
+        ..Default::default()
+    };
+    let err = driver.ensure(&tenant("ghost"), &missing).await.unwrap_err();
+    assert!(
+        matches!(&err, DriverError::ImageMissing { image } if image == "pgs/no-such-image:0"),
+        "{err}"
+    );
+
+    // A same-named volume without our labels is neither used nor removed.
+    let intruder = tenant("intruder");
+    let foreign = driver.volume_name(&intruder);
+    assert!(docker(&["volume", "create", &foreign]).status.success());
+    let err = driver
+        .ensure(&intruder, &ManagedSpec::default())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("does not carry pgs's labels"),
+        "{err}"
+    );
+    let err = driver.remove(&intruder, true).await.unwrap_err();
+    assert!(err.to_string().contains(&foreign), "{err}");
+    let still_there = docker(&["volume", "inspect", &foreign]).status.success();
+    docker(&["volume", "rm", "-f", &foreign]);
+    assert!(still_there, "the foreign volume was removed");
+    assert!(
+        env.containers().is_empty(),
+        "nothing was created for the intruder"
+    );
+
+    // An init script that fails: wait_ready gives up at once, with the container's last words.
+    env.write_file(
+        "init/fail.sh",
+        "echo 'init failing on purpose' >&2\nexit 3\n",
+    );
+    let broken = tenant("broken");
+    let spec = ManagedSpec {
+        init_scripts: vec![env.dir.path().join("init/fail.sh")],
+        ..Default::default()
+    };
+    driver.ensure(&broken, &spec).await.unwrap();
+    let t0 = Instant::now();
+    let err = driver
+        .wait_ready(&broken, READY)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(err.contains("init failing on purpose"), "{err}");
+    // Exited, or already being restarted by the engine (restart policy `unless-stopped`).
+    assert!(
+        err.contains("exited with code 3") || err.contains("crashed and was restarted"),
+        "{err}"
+    );
+    let password = driver.password(&broken).unwrap();
+    assert!(!err.contains(&password));
+}
