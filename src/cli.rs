@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::settings::DEFAULT_CONFIG;
+use crate::tenants::TenantId;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,6 +54,71 @@ pub enum Command {
     /// Check what `render` would write with `haproxy -c`, without writing it. Prints HAProxy's
     /// own message when it refuses.
     Check,
+
+    /// Show what `sync` would change (servers, HAProxy config, maps), changing nothing.
+    Plan {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Make Docker and HAProxy match the tenants file once, and exit. Safe from cron or CI while
+    /// `run` is active (one writer at a time). Exit codes: 0 = already in sync, 2 = changed
+    /// something and now in sync, 1 = failed (nothing half-done is left routable).
+    Sync {
+        /// Print the plan and change nothing (exit 0 when in sync, 2 when changes are due).
+        #[arg(long)]
+        dry_run: bool,
+        /// Machine-readable report.
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Run the agent: reconcile on every change of the tenants file, on Docker events (a tenant
+    /// container that dies is started again), on SIGHUP and every --resync seconds. SIGTERM
+    /// finishes the current pass and exits. Speaks systemd's notify protocol when NOTIFY_SOCKET
+    /// is set.
+    Run {
+        /// Seconds between full passes that repair drift no event announced.
+        #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+        resync: u64,
+    },
+
+    /// Create, delete, start, stop and inspect tenants whose PostgreSQL server pgs runs.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+
+    /// Turn a tenant's access on or off, instantly: the tenants file, the map file and the
+    /// running HAProxy (Runtime API, no reload) change together.
+    #[command(subcommand)]
+    Access(AccessCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccessCommand {
+    /// Allow new connections to the tenant.
+    Enable {
+        /// Tenant id.
+        id: TenantId,
+    },
+    /// Refuse new connections to the tenant. Sessions already open keep running unless
+    /// --terminate is given; new ones get `FATAL: tenant "ID" is not available`.
+    Disable {
+        /// Tenant id.
+        id: TenantId,
+        /// Also end the tenant's open sessions now.
+        #[arg(long)]
+        terminate: bool,
+    },
+    /// Show access as the tenants file, the map file and the running HAProxy see it, and flag
+    /// any disagreement (repaired by the next `access` command or sync).
+    Status {
+        /// Only this tenant.
+        id: Option<TenantId>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -63,4 +129,57 @@ pub struct InitArgs {
     /// Address HAProxy accepts PostgreSQL clients on.
     #[arg(long, value_name = "HOST:PORT", default_value = crate::settings::DEFAULT_LISTEN)]
     pub listen: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Provision a tenant: data volume, container, wait until PostgreSQL accepts logins, add its
+    /// HAProxy backend (one reload). Access stays disabled unless --enable.
+    Create(CreateArgs),
+    /// Remove a tenant: access off, backend gone, container removed. Its data volume is kept
+    /// (its name is printed) unless --purge-data.
+    Delete {
+        id: TenantId,
+        /// Also delete the tenant's data volume. This cannot be undone.
+        #[arg(long)]
+        purge_data: bool,
+    },
+    /// Start a stopped tenant's server and route to it again.
+    Start { id: TenantId },
+    /// Stop a tenant's server (data kept). New connections are refused while it is stopped.
+    Stop { id: TenantId },
+    /// List tenants with their access and server state.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One tenant: spec, server state, access, socket. No secrets.
+    Show {
+        id: TenantId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a postgresql:// URI for connecting through HAProxy, with the tenant's password.
+    /// The only command that reveals a password.
+    Credentials { id: TenantId },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    pub id: TenantId,
+    /// Open access once the server is ready.
+    #[arg(long)]
+    pub enable: bool,
+    /// Container image (default: docker.default_image in the settings).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Memory limit, e.g. 256m or 1g (default: docker.default_memory).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// CPU limit in cores, e.g. 0.5.
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// PostgreSQL max_connections (default: docker.default_max_connections).
+    #[arg(long)]
+    pub max_connections: Option<u32>,
 }

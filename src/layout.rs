@@ -61,7 +61,10 @@ mod tests {
         let agent = crate::settings::Agent::load(&config).unwrap();
         assert_eq!(agent.settings.haproxy.listen, "127.0.0.1:7000");
         assert!(tenants::load(&agent.paths.tenants_file).unwrap().is_empty());
-        let mode = fs::metadata(&agent.paths.secrets_dir).unwrap().permissions().mode();
+        let mode = fs::metadata(&agent.paths.secrets_dir)
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o700);
         let err = init(dir.path(), &s).unwrap_err().to_string();
         assert!(err.contains("already holds a pgs layout"), "{err}");

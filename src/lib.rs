@@ -2,23 +2,29 @@
 //! HAProxy port. HAProxy is the data plane; this crate renders its files and drives it.
 //!
 //! # Layout
+//! - `access`    — access flips (file, map file, Runtime API) and their status.
 //! - `cli`       — clap definitions only.
 //! - `commands`  — what each CLI command does, in terms of the modules below.
+//! - `daemon`    — `run`: pokes, periodic resync, coalescing, systemd notify.
 //! - `settings`  — agent settings (`pgs.toml`) and `Paths`, where every file path comes from.
 //! - `layout`    — `init`: a new self-contained layout.
 //! - `tenants`   — the tenants file: raw JSON → validated `Tenants`, `TenantId`, locked writer.
 //! - `plan`      — the pure planner: (desired, observed) → `Plan`.
-//! - `haproxy`   — rendered files and `haproxy -c` (`render`), Runtime API (`runtime`),
-//!                 master CLI (`master`).
+//! - `reconcile` — observe, plan, apply: the single writer of HAProxy's files and maps.
+//! - `haproxy`   — rendered files and `haproxy -c` (`render`), maps in file and memory
+//!   (`maps`), Runtime API (`runtime`), master CLI (`master`).
 //! - `instances` — drivers that run managed tenants' servers (`docker`).
 //! - `fsutil`    — atomic writes and file locks.
 
+pub mod access;
 pub mod cli;
 pub mod commands;
+pub mod daemon;
 pub mod fsutil;
 pub mod haproxy;
 pub mod instances;
 pub mod layout;
 pub mod plan;
+pub mod reconcile;
 pub mod settings;
 pub mod tenants;

@@ -51,6 +51,8 @@ pub enum InstanceStep {
     Start { tenant: TenantId, spec: ManagedSpec },
     /// Runs, but must be checked to accept logins before it is routed (a new backend).
     AwaitReady { tenant: TenantId },
+    /// Asked to be stopped (`tenant stop`) but runs.
+    Stop { tenant: TenantId },
     /// Not desired as a managed tenant any more: remove the container, keep the data volume.
     Remove { tenant: TenantId },
 }
@@ -62,6 +64,7 @@ impl InstanceStep {
             | InstanceStep::Replace { tenant, .. }
             | InstanceStep::Start { tenant, .. }
             | InstanceStep::AwaitReady { tenant }
+            | InstanceStep::Stop { tenant }
             | InstanceStep::Remove { tenant } => tenant,
         }
     }
@@ -116,6 +119,7 @@ impl Plan {
                 InstanceStep::AwaitReady { tenant } => {
                     format!("server: check {tenant} accepts logins")
                 }
+                InstanceStep::Stop { tenant } => format!("server: stop {tenant}"),
                 InstanceStep::Remove { tenant } => {
                     format!("server: remove {tenant}'s container (data volume kept)")
                 }
@@ -167,8 +171,22 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             let Instance::Managed(spec) = &t.instance else {
                 continue;
             };
+            if t.stopped {
+                let runs = instances
+                    .get(&t.id)
+                    .is_some_and(|o| o.state == Some(RunState::Running));
+                if runs {
+                    p.instances.push(InstanceStep::Stop {
+                        tenant: t.id.clone(),
+                    });
+                }
+                continue;
+            }
             let step = match instances.get(&t.id) {
-                None | Some(ObservedInstance { container: None, .. }) => InstanceStep::Create {
+                None
+                | Some(ObservedInstance {
+                    container: None, ..
+                }) => InstanceStep::Create {
                     tenant: t.id.clone(),
                     spec: spec.clone(),
                 },
@@ -192,7 +210,8 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                 .get(id)
                 .is_some_and(|t| matches!(t.instance, Instance::Managed(_)));
             if !still_managed && o.container.is_some() {
-                p.instances.push(InstanceStep::Remove { tenant: id.clone() });
+                p.instances
+                    .push(InstanceStep::Remove { tenant: id.clone() });
             }
         }
     }
@@ -277,7 +296,7 @@ mod tests {
             config: config.into(),
             access: t
                 .iter()
-                .filter(|t| t.access == crate::tenants::Access::Enabled)
+                .filter(|t| t.routable())
                 .map(|t| (t.id.to_string(), "enabled".to_string()))
                 .collect(),
             backends: t
@@ -318,7 +337,10 @@ mod tests {
             "a": {"access": "enabled", "managed": {}},
             "b": {"external": {"address": "127.0.0.1:5432"}}}));
         let d = desired(&t, "cfg");
-        let o = converged(&d, vec![running("a", ManagedSpec::default(), RunState::Running)]);
+        let o = converged(
+            &d,
+            vec![running("a", ManagedSpec::default(), RunState::Running)],
+        );
         let p = plan(&d, &o);
         assert!(p.is_empty(), "{p:#?}");
     }
@@ -358,7 +380,8 @@ mod tests {
 
     #[test]
     fn a_disabled_tenant_loses_its_access_entry_without_a_reload() {
-        let t = tenants(json!({"a": {"access": "disabled", "external": {"address": "127.0.0.1:1"}}}));
+        let t =
+            tenants(json!({"a": {"access": "disabled", "external": {"address": "127.0.0.1:1"}}}));
         let d = desired(&t, "cfg");
         let mut o = converged(&d, vec![]);
         o.runtime_access = Some(entries(&[("a", "enabled")]));
@@ -430,7 +453,10 @@ mod tests {
         assert!(matches!(by_tenant["stopped"], InstanceStep::Start { .. }));
         assert!(matches!(by_tenant["unhealthy"], InstanceStep::Start { .. }));
         assert!(matches!(by_tenant["drifted"], InstanceStep::Replace { .. }));
-        assert!(matches!(by_tenant["volume_only"], InstanceStep::Create { .. }));
+        assert!(matches!(
+            by_tenant["volume_only"],
+            InstanceStep::Create { .. }
+        ));
         assert!(matches!(by_tenant["missing"], InstanceStep::Create { .. }));
         assert_eq!(p.instances.len(), 5);
     }
@@ -439,18 +465,26 @@ mod tests {
     fn a_running_server_without_a_backend_yet_is_checked_before_it_is_routed() {
         let t = tenants(json!({"a": {"access": "enabled", "managed": {}}}));
         let d = desired(&t, "cfg2");
-        let mut o = converged(&d, vec![running("a", ManagedSpec::default(), RunState::Running)]);
+        let mut o = converged(
+            &d,
+            vec![running("a", ManagedSpec::default(), RunState::Running)],
+        );
         o.runtime_backends = Some(BTreeMap::new());
         o.runtime_access = Some(BTreeMap::new());
         o.config_loaded = Some("cfg1".into());
         let p = plan(&d, &o);
-        assert_eq!(p.instances, vec![InstanceStep::AwaitReady { tenant: id("a") }]);
+        assert_eq!(
+            p.instances,
+            vec![InstanceStep::AwaitReady { tenant: id("a") }]
+        );
     }
 
     #[test]
     fn removed_and_moved_tenants_lose_their_container_but_never_their_volume() {
         // "gone" is no longer in the file; "moved" became external.
-        let t = tenants(json!({"moved": {"access": "enabled", "external": {"address": "127.0.0.1:1"}}}));
+        let t = tenants(
+            json!({"moved": {"access": "enabled", "external": {"address": "127.0.0.1:1"}}}),
+        );
         let d = desired(&t, "cfg-new");
         let mut o = converged(
             &d,
@@ -487,12 +521,16 @@ mod tests {
         let p = plan(&d, &o);
         assert!(matches!(p.instances[..], [InstanceStep::Create { .. }]));
         assert!(p.reload);
-        assert!(p.access_on.is_empty(), "access was already open and stays open");
+        assert!(
+            p.access_on.is_empty(),
+            "access was already open and stays open"
+        );
     }
 
     #[test]
     fn without_haproxy_files_are_written_and_nothing_is_pushed() {
-        let t = tenants(json!({"a": {"access": "enabled", "external": {"address": "127.0.0.1:1"}}}));
+        let t =
+            tenants(json!({"a": {"access": "enabled", "external": {"address": "127.0.0.1:1"}}}));
         let d = desired(&t, "cfg");
         let o = Observed {
             instances: None,
@@ -503,6 +541,24 @@ mod tests {
         assert!(p.write_config);
         assert!(!p.reload);
         assert!(p.access_on.is_empty() && p.access_off.is_empty() && p.backends_map.is_empty());
+    }
+
+    #[test]
+    fn stopped_tenants_are_stopped_and_not_started() {
+        let t = tenants(json!({
+            "up": {"managed": {}, "stopped": true},
+            "down": {"managed": {}, "stopped": true},
+            "never": {"managed": {}, "stopped": true}}));
+        let d = desired(&t, "cfg");
+        let o = converged(
+            &d,
+            vec![
+                running("up", ManagedSpec::default(), RunState::Running),
+                running("down", ManagedSpec::default(), RunState::Stopped),
+            ],
+        );
+        let p = plan(&d, &o);
+        assert_eq!(p.instances, vec![InstanceStep::Stop { tenant: id("up") }]);
     }
 
     #[test]

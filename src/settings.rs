@@ -199,8 +199,11 @@ impl Settings {
             ("haproxy.connect_timeout", &h.connect_timeout),
         ]
         .into_iter()
-        .chain(h.hard_stop_after.as_ref().map(|v| ("haproxy.hard_stop_after", v)))
-        {
+        .chain(
+            h.hard_stop_after
+                .as_ref()
+                .map(|v| ("haproxy.hard_stop_after", v)),
+        ) {
             if !is_haproxy_duration(v) {
                 bail!("{name} = {v:?} is not a duration like \"500ms\", \"5s\", \"10m\" or \"1h\"");
             }
@@ -217,7 +220,9 @@ impl Settings {
         let d = &self.docker;
         let prefix_ok = d.prefix.len() <= 40
             && d.prefix.starts_with(|c: char| c.is_ascii_lowercase())
-            && d.prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            && d.prefix
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
         if !prefix_ok {
             bail!(
                 "docker.prefix = {:?} must be up to 40 lowercase letters, digits or '-', starting with a letter",
@@ -261,6 +266,10 @@ pub struct Paths {
     pub pidfile: PathBuf,
     /// Serializes reconcilers (daemon, `sync`) so there is one writer of HAProxy's files.
     pub agent_lock: PathBuf,
+    /// Written after a confirmed reload: the worker pid and the config it loaded.
+    pub haproxy_loaded: PathBuf,
+    /// Serializes writers of the map files and of HAProxy's runtime maps.
+    pub maps_lock: PathBuf,
     pub haproxy_dir: PathBuf,
     pub haproxy_cfg: PathBuf,
     pub maps_dir: PathBuf,
@@ -278,7 +287,13 @@ impl Paths {
             .parent()
             .map(Path::to_owned)
             .unwrap_or_else(|| PathBuf::from("/"));
-        let at = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
+        let at = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
         let run_dir = at(&s.run_dir);
         let state_dir = at(&s.state_dir);
         let haproxy_dir = at(&s.haproxy_dir);
@@ -301,6 +316,8 @@ impl Paths {
                 .unwrap_or_else(|| run_dir.join("master.sock")),
             pidfile: run_dir.join("haproxy.pid"),
             agent_lock: run_dir.join("agent.lock"),
+            maps_lock: run_dir.join("maps.lock"),
+            haproxy_loaded: run_dir.join("haproxy.loaded"),
             haproxy_cfg: haproxy_dir.join("pgs.cfg"),
             backends_map: maps_dir.join("backends.map"),
             access_map: maps_dir.join("access.map"),

@@ -134,7 +134,9 @@ impl Address {
             .chars()
             .find(|c| c.is_whitespace() || c.is_control() || "#\"'\\$%{}".contains(*c))
         {
-            return Err(format!("address {s:?} contains {bad:?}, which is not allowed"));
+            return Err(format!(
+                "address {s:?} contains {bad:?}, which is not allowed"
+            ));
         }
         if s.starts_with('/') {
             if s.len() > MAX_UNIX_PATH {
@@ -224,6 +226,15 @@ pub struct Tenant {
     pub id: TenantId,
     pub access: Access,
     pub instance: Instance,
+    /// A managed tenant whose server is kept stopped (`tenant stop`); it is not routable.
+    pub stopped: bool,
+}
+
+impl Tenant {
+    /// Whether new connections may be routed to it: access enabled and not stopped.
+    pub fn routable(&self) -> bool {
+        self.access == Access::Enabled && !self.stopped
+    }
 }
 
 /// The validated desired state.
@@ -344,13 +355,14 @@ pub fn validate(doc: &Value) -> Result<Tenants, Vec<Problem>> {
                         }
                     };
                     let tenant = v.tenant(spec, &place);
-                    if let (Some(id), Some((access, instance))) = (id, tenant) {
+                    if let (Some(id), Some((access, instance, stopped))) = (id, tenant) {
                         tenants.insert(
                             id.clone(),
                             Tenant {
                                 id,
                                 access,
                                 instance,
+                                stopped,
                             },
                         );
                     }
@@ -407,9 +419,27 @@ impl Validator {
         }
     }
 
-    fn tenant(&mut self, spec: &Value, place: &str) -> Option<(Access, Instance)> {
+    fn tenant(&mut self, spec: &Value, place: &str) -> Option<(Access, Instance, bool)> {
         let obj = self.object(spec, place)?;
-        self.known_keys(obj, place, &["access", "external", "managed"]);
+        self.known_keys(obj, place, &["access", "external", "managed", "stopped"]);
+        let stopped = match obj.get("stopped") {
+            None => Some(false),
+            Some(Value::Bool(b)) if !*b || obj.contains_key("managed") => Some(*b),
+            Some(Value::Bool(_)) => {
+                self.problem(
+                    &join(place, "stopped"),
+                    "only a managed tenant can be stopped; use \"access\": \"disabled\"",
+                );
+                None
+            }
+            Some(other) => {
+                self.problem(
+                    &join(place, "stopped"),
+                    format!("expected true or false, found {other}"),
+                );
+                None
+            }
+        };
         let access = match obj.get("access") {
             None => Some(Access::default()),
             Some(Value::String(s)) if Access::parse(s).is_some() => Access::parse(s),
@@ -436,7 +466,7 @@ impl Validator {
             (Some(ext), None) => self.external(ext, &join(place, "external")),
             (None, Some(m)) => self.managed(m, &join(place, "managed")),
         };
-        Some((access?, instance?))
+        Some((access?, instance?, stopped?))
     }
 
     fn external(&mut self, value: &Value, place: &str) -> Option<Instance> {
@@ -525,9 +555,9 @@ impl Validator {
                 for (name, value) in map {
                     let here = join(&at, name);
                     let name_ok = !name.is_empty()
-                        && name
-                            .chars()
-                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.".contains(c));
+                        && name.chars().all(|c| {
+                            c.is_ascii_lowercase() || c.is_ascii_digit() || "_.".contains(c)
+                        });
                     if !name_ok {
                         self.problem(&here, "not a PostgreSQL setting name");
                         continue;
@@ -539,7 +569,10 @@ impl Validator {
                         other => {
                             self.problem(
                                 &here,
-                                format!("expected a string, number or boolean, found {}", kind_of(other)),
+                                format!(
+                                    "expected a string, number or boolean, found {}",
+                                    kind_of(other)
+                                ),
                             );
                             continue;
                         }
@@ -579,8 +612,7 @@ impl Validator {
 fn valid_image(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 255
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "./:_-@".contains(c))
 }
 
@@ -790,7 +822,17 @@ mod tests {
         for ok in ["a", "acme", "a_1", &"a".repeat(63)] {
             assert!(TenantId::parse(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "1a", "_a", "ACME", "a-b", "a b", "acme\0x", "é", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "1a",
+            "_a",
+            "ACME",
+            "a-b",
+            "a b",
+            "acme\0x",
+            "é",
+            &"a".repeat(64),
+        ] {
             assert!(TenantId::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -801,8 +843,14 @@ mod tests {
             Address::parse("/run/pg/.s.PGSQL.5432").unwrap().haproxy(),
             "unix@/run/pg/.s.PGSQL.5432"
         );
-        assert_eq!(Address::parse("[::1]:5432").unwrap().haproxy(), "[::1]:5432");
-        assert_eq!(Address::parse("db.internal:5432").unwrap().haproxy(), "db.internal:5432");
+        assert_eq!(
+            Address::parse("[::1]:5432").unwrap().haproxy(),
+            "[::1]:5432"
+        );
+        assert_eq!(
+            Address::parse("db.internal:5432").unwrap().haproxy(),
+            "db.internal:5432"
+        );
         for bad in [
             "/a b/.s.PGSQL.5432",
             "/x\n/y",
@@ -877,8 +925,14 @@ mod tests {
             .insert("access".into(), json!("enabled"));
         edit.commit().unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.contains("keep me") && text.contains("x-owner"), "{text}");
-        assert_eq!(load(&path).unwrap().get(&id).unwrap().access, Access::Enabled);
+        assert!(
+            text.contains("keep me") && text.contains("x-owner"),
+            "{text}"
+        );
+        assert_eq!(
+            load(&path).unwrap().get(&id).unwrap().access,
+            Access::Enabled
+        );
 
         let mut edit = TenantsFileEdit::open(&path).unwrap();
         edit.tenant_mut(&id)

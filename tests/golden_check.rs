@@ -45,11 +45,25 @@ fn golden_configs_pass_haproxy_check() {
                 .arg(dir.path().join("pgs.cfg"))
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
         } else {
             std::fs::write(&cfg, &text).unwrap();
-            let out = Command::new("haproxy").args(["-c", "-f"]).arg(&cfg).output().unwrap();
-            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            let out = Command::new("haproxy")
+                .args(["-c", "-f"])
+                .arg(&cfg)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         checked += 1;
     }

@@ -4,8 +4,12 @@
 #[path = "support/mod.rs"]
 mod support;
 
+#[path = "access.rs"]
+mod access;
 #[path = "golden_check.rs"]
 mod golden_check;
+#[path = "instances.rs"]
+mod instances;
 #[path = "protocol.rs"]
 mod protocol;
 #[path = "routing.rs"]

@@ -81,7 +81,10 @@ enum Reply {
     /// 'N': no SSL/GSS, carry on.
     No,
     /// A PostgreSQL ErrorResponse.
-    Error { code: String, message: String },
+    Error {
+        code: String,
+        message: String,
+    },
     /// The backend's authentication request: the connection was routed.
     Auth,
     /// The peer closed without a message.
@@ -184,7 +187,10 @@ fn negotiation_requests_are_answered_by_haproxy_and_the_startup_follows() {
 #[test]
 fn bytes_pipelined_after_a_negotiation_request_are_refused() {
     let Some(st) = Stack::start() else { return };
-    for (case, first) in [("SSLRequest", SSL_REQUEST), ("GSSENCRequest", GSSENC_REQUEST)] {
+    for (case, first) in [
+        ("SSLRequest", SSL_REQUEST),
+        ("GSSENCRequest", GSSENC_REQUEST),
+    ] {
         let mut bytes = message(first, b"");
         bytes.extend(startup(b"acme"));
         let r = st.refused(case, &bytes);
@@ -217,8 +223,14 @@ fn bad_lengths_garbage_and_old_protocols_are_refused() {
             m.resize(10001, b'a');
             m
         }),
-        ("length 0xFFFFFFFF", [be32(u32::MAX), be32(PROTOCOL_3)].concat()),
-        ("HTTP request", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        (
+            "length 0xFFFFFFFF",
+            [be32(u32::MAX), be32(PROTOCOL_3)].concat(),
+        ),
+        (
+            "HTTP request",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
         ("protocol 2", message(2 << 16, b"acme\0")),
         ("protocol 4", message(4 << 16, b"user\0acme\0\0")),
         ("SSLRequest with a payload", message(SSL_REQUEST, b"xxxx")),
@@ -248,10 +260,7 @@ fn user_names_outside_the_tenant_pattern_are_refused() {
     ];
     for (case, user) in cases {
         let r = st.refused(case, &startup(user));
-        assert!(
-            code(&r) == "28000" || code(&r) == "08P01",
-            "{case}: {r:?}"
-        );
+        assert!(code(&r) == "28000" || code(&r) == "08P01", "{case}: {r:?}");
     }
     let r = st.refused("no user", &startup_raw(b"database\0postgres\0\0"));
     assert_eq!(code(&r), "28000", "{r:?}");
@@ -260,10 +269,18 @@ fn user_names_outside_the_tenant_pattern_are_refused() {
 #[test]
 fn unknown_and_disabled_tenants_read_the_same() {
     let Some(st) = Stack::start() else { return };
-    let Reply::Error { code: c1, message: m1 } = st.refused("disabled", &startup(b"globex")) else {
+    let Reply::Error {
+        code: c1,
+        message: m1,
+    } = st.refused("disabled", &startup(b"globex"))
+    else {
         panic!("disabled: not an ErrorResponse")
     };
-    let Reply::Error { code: c2, message: m2 } = st.refused("unknown", &startup(b"initech")) else {
+    let Reply::Error {
+        code: c2,
+        message: m2,
+    } = st.refused("unknown", &startup(b"initech"))
+    else {
         panic!("unknown: not an ErrorResponse")
     };
     assert_eq!(c1, c2);
@@ -287,6 +304,10 @@ fn cancel_requests_and_silent_clients_are_closed_without_routing() {
     let t0 = Instant::now();
     let r = read_reply(&mut s);
     assert!(matches!(r, Reply::Closed | Reply::Error { .. }), "{r:?}");
-    assert!(t0.elapsed() < Duration::from_secs(4), "held for {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "held for {:?}",
+        t0.elapsed()
+    );
     assert_eq!(st.sessions(), before);
 }

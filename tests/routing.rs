@@ -87,7 +87,11 @@ fn sslmode_prefer_still_lands_on_the_right_tenant() {
     assert!(!t.globex.log_text().contains("role \"acme\""));
     // gssencmode=prefer sends GSSENCRequest first when libpq has GSSAPI support; either way the
     // connection must land.
-    let (ok, out, err) = t.query("acme", "sslmode=prefer gssencmode=prefer", "show cluster_name");
+    let (ok, out, err) = t.query(
+        "acme",
+        "sslmode=prefer gssencmode=prefer",
+        "show cluster_name",
+    );
     assert!(ok, "{err}");
     assert_eq!(out, "pg_acme");
 }

@@ -1,5 +1,9 @@
 //! What each CLI command does: load settings and tenants, call the library, print for people.
 
+mod access;
+mod sync;
+mod tenant;
+
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -25,6 +29,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Check => {
                 let agent = Agent::load(&cli.config)?;
                 check_cmd(&agent).await
+            }
+            Command::Plan { json } => sync::plan(&Agent::load(&cli.config)?, json).await,
+            Command::Sync { dry_run, json } => {
+                sync::sync(&Agent::load(&cli.config)?, dry_run, json).await
+            }
+            Command::Run { resync } => sync::run(&Agent::load(&cli.config)?, resync).await,
+            Command::Tenant(cmd) => tenant::run(&Agent::load(&cli.config)?, cmd).await,
+            Command::Access(cmd) => {
+                let agent = Agent::load(&cli.config)?;
+                access::run(&agent, cmd).await
             }
         }
     })
@@ -56,7 +70,11 @@ async fn render_cmd(agent: &Agent) -> anyhow::Result<ExitCode> {
     let rendered = render::render(&agent.settings, &agent.paths, &tenants);
     let installed = render::install(&agent.paths, &rendered)
         .with_context(|| format!("cannot write into {}", agent.paths.haproxy_dir.display()))?;
-    let verb = if installed.any() { "wrote" } else { "unchanged:" };
+    let verb = if installed.any() {
+        "wrote"
+    } else {
+        "unchanged:"
+    };
     println!(
         "{verb} {} ({} tenant(s), {} enabled)",
         agent.paths.haproxy_cfg.display(),

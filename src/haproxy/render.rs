@@ -128,16 +128,17 @@ pub fn backends_entries(tenants: &Tenants, paths: &Paths) -> Vec<(String, String
         .collect()
 }
 
-/// Tenant → `enabled`, for enabled tenants only: absence means refused.
+/// Tenant → `enabled`, for routable tenants only: absence means refused.
 pub fn access_entries(tenants: &Tenants) -> Vec<(String, String)> {
     tenants
         .iter()
-        .filter(|t| t.access == Access::Enabled)
+        .filter(|t| t.routable())
         .map(|t| (t.id.to_string(), Access::Enabled.to_string()))
         .collect()
 }
 
-fn map_file(entries: Vec<(String, String)>) -> String {
+/// The text of a map file: one `key value` line per entry.
+pub fn map_file(entries: impl IntoIterator<Item = (String, String)>) -> String {
     let mut out = String::from("# Rendered by pgs-agent; runtime changes are mirrored here.\n");
     for (k, v) in entries {
         out.push_str(&k);

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test module uses a different part of the kit
 
+pub mod docker;
 pub mod pg;
 pub mod proxy;
 
@@ -41,9 +42,7 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
     dirs.extend(pg::bin_dir());
-    dirs.into_iter()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 /// The agent binary under test.
@@ -227,5 +226,59 @@ impl Layout {
             "host=127.0.0.1 port={} user={user} dbname=postgres {extra}",
             self.port
         )
+    }
+}
+
+/// A psql session kept open (one backend connection), fed queries on stdin.
+pub struct Session {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Session {
+    pub fn open(conninfo: &str, password: &str) -> Session {
+        let mut child = Command::new(find_tool("psql").expect("psql"))
+            .arg(conninfo)
+            .args(["-X", "-A", "-t", "-q"])
+            .env("PGPASSWORD", password)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start psql");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut s = Session {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+        };
+        assert!(s.query("select 1").is_some(), "session did not open");
+        s
+    }
+
+    /// Runs one single-row, single-column query; None when the session is gone.
+    pub fn query(&mut self, sql: &str) -> Option<String> {
+        let stdin = self.stdin.as_mut()?;
+        writeln!(stdin, "{sql};").ok()?;
+        stdin.flush().ok()?;
+        self.lines.recv_timeout(Duration::from_secs(10)).ok()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        stop_child(&mut self.child, libc::SIGTERM, Duration::from_secs(5));
     }
 }

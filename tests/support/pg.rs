@@ -90,7 +90,14 @@ impl Postgres {
         let out = command("initdb")
             .arg("-D")
             .arg(&data)
-            .args(["-U", user, "--auth=scram-sha-256", "--no-sync", "-E", "UTF8"])
+            .args([
+                "-U",
+                user,
+                "--auth=scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ])
             .args(["--locale=C"])
             .arg(format!("--pwfile={}", pwfile.display()))
             .output()
@@ -129,17 +136,21 @@ impl Postgres {
             tcp: tcp_port.is_some(),
             log,
         };
-        wait_for(&format!("postgres {name} to accept connections"), Duration::from_secs(30), || {
-            let ok = Command::new(find_tool("pg_isready").unwrap())
-                .arg("-q")
-                .arg("-h")
-                .arg(&pg.socket_dir)
-                .args(["-p", &port.to_string()])
-                .status()
-                .ok()?
-                .success();
-            ok.then_some(())
-        });
+        wait_for(
+            &format!("postgres {name} to accept connections"),
+            Duration::from_secs(30),
+            || {
+                let ok = Command::new(find_tool("pg_isready").unwrap())
+                    .arg("-q")
+                    .arg("-h")
+                    .arg(&pg.socket_dir)
+                    .args(["-p", &port.to_string()])
+                    .status()
+                    .ok()?
+                    .success();
+                ok.then_some(())
+            },
+        );
         pg
     }
 

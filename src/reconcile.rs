@@ -1,0 +1,403 @@
+//! Observe the world, plan, apply: the one writer of HAProxy's files and maps. Everything else
+//! (CLI, API, file watch, timer) only asks for a pass. A pass holds the agent lock, so `sync`
+//! from cron and the daemon never write at the same time.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::access::runtime_api;
+use crate::fsutil::{self, FileLock};
+use crate::haproxy::maps::{self, Entries};
+use crate::haproxy::master::MasterCli;
+use crate::haproxy::render::{self, Rendered};
+use crate::instances::{InstanceDriver, ObservedInstance};
+use crate::plan::{self, Desired, InstanceStep, MapStep, Observed, Plan};
+use crate::settings::Agent;
+use crate::tenants::{self, Instance, TenantId, Tenants};
+
+/// How long a reload may take before it counts as failed.
+const RELOAD_DEADLINE: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SyncOptions {
+    /// Plan and print, change nothing.
+    pub dry_run: bool,
+}
+
+/// What a pass did, for people (`sync`), machines (`--json`) and the daemon's log.
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub plan: Plan,
+    /// Steps that were carried out, one line each.
+    pub done: Vec<String>,
+    /// Problems, one line each; a pass with problems exits non-zero.
+    pub errors: Vec<String>,
+    pub reloaded: bool,
+    /// Tenants left unroutable because their server is not ready.
+    pub held_back: Vec<TenantId>,
+    pub duration_ms: u64,
+}
+
+impl Report {
+    pub fn changed(&self) -> bool {
+        !self.done.is_empty()
+    }
+}
+
+/// One full pass: load, observe, plan, apply.
+pub async fn sync<D: InstanceDriver>(
+    agent: &Agent,
+    driver: Option<&D>,
+    opts: SyncOptions,
+) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let lock_path = &agent.paths.agent_lock;
+    let _lock = match FileLock::try_exclusive(lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?
+    {
+        Some(l) => l,
+        None => {
+            info!("another pgs-agent is reconciling; waiting for it to finish");
+            let path = lock_path.clone();
+            tokio::task::spawn_blocking(move || FileLock::exclusive(&path))
+                .await
+                .context("lock task failed")?
+                .with_context(|| format!("cannot lock {}", lock_path.display()))?
+        }
+    };
+    let tenants = tenants::load(&agent.paths.tenants_file)?;
+    let rendered = render::render(&agent.settings, &agent.paths, &tenants);
+    let observed = observe(agent, driver, &tenants).await?;
+    let desired = desired(&tenants, &rendered);
+    let plan = plan::plan(&desired, &observed);
+    let mut report = Report {
+        plan: plan.clone(),
+        ..Report::default()
+    };
+    if !opts.dry_run {
+        apply(
+            agent,
+            driver,
+            &tenants,
+            &rendered,
+            &observed,
+            &plan,
+            &mut report,
+        )
+        .await;
+    }
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+fn desired<'a>(tenants: &'a Tenants, r: &Rendered) -> Desired<'a> {
+    Desired {
+        tenants: Some(tenants),
+        config: r.cfg.clone(),
+        access: maps::entries(render::access_entries(tenants)),
+        backends: parse_map(&r.backends_map),
+    }
+}
+
+fn parse_map(text: &str) -> Entries {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// The marker written after a confirmed reload: the worker's pid, then the config it loaded.
+fn read_loaded_marker(agent: &Agent) -> Option<(u32, String)> {
+    let text = std::fs::read_to_string(&agent.paths.haproxy_loaded).ok()?;
+    let (first, cfg) = text.split_once('\n')?;
+    Some((first.strip_prefix("pid ")?.parse().ok()?, cfg.to_owned()))
+}
+
+fn write_loaded_marker(agent: &Agent, pid: u32, cfg: &str) {
+    let text = format!("pid {pid}\n{cfg}");
+    if let Err(e) = fsutil::write_atomic(&agent.paths.haproxy_loaded, text.as_bytes(), 0o644) {
+        warn!(error = %e, "cannot record the loaded configuration; the next pass may reload once more");
+    }
+}
+
+/// Reads the world: Docker (when there is a driver), HAProxy (when it answers), files on disk.
+pub async fn observe<D: InstanceDriver>(
+    agent: &Agent,
+    driver: Option<&D>,
+    tenants: &Tenants,
+) -> anyhow::Result<Observed> {
+    let mut o = Observed {
+        config_on_disk: std::fs::read_to_string(&agent.paths.haproxy_cfg).ok(),
+        ..Observed::default()
+    };
+    if let Some(d) = driver {
+        match d.observe().await {
+            Ok(list) => {
+                o.instances = Some(
+                    list.into_iter()
+                        .map(|i: ObservedInstance| (i.tenant.clone(), i))
+                        .collect(),
+                )
+            }
+            Err(e) => {
+                let managed = tenants
+                    .iter()
+                    .any(|t| matches!(t.instance, Instance::Managed(_)));
+                if managed {
+                    return Err(anyhow!(e).context("cannot see the managed tenants' servers"));
+                }
+                warn!(error = %e, "Docker engine not reachable; no managed tenants, carrying on");
+            }
+        }
+    }
+    let api = runtime_api(agent);
+    match api.show_info().await {
+        Ok(info) => {
+            o.haproxy_running = true;
+            let pid = info.pid;
+            o.config_loaded = match read_loaded_marker(agent) {
+                Some((p, cfg)) if p == pid => Some(cfg),
+                // Started or reloaded by someone else since our last reload: it read the file.
+                _ => o.config_on_disk.clone(),
+            };
+            o.runtime_access = Some(maps::show(&api, &agent.paths.access_map).await?);
+            o.runtime_backends = Some(maps::show(&api, &agent.paths.backends_map).await?);
+        }
+        Err(e) if e.is_unreachable() => {
+            info!("HAProxy is not running; files are written for its next start");
+        }
+        Err(e) => return Err(e).context("HAProxy's Runtime API answered strangely"),
+    }
+    Ok(o)
+}
+
+async fn apply<D: InstanceDriver>(
+    agent: &Agent,
+    driver: Option<&D>,
+    tenants: &Tenants,
+    rendered: &Rendered,
+    observed: &Observed,
+    plan: &Plan,
+    report: &mut Report,
+) {
+    let api = runtime_api(agent);
+    let maps_lock = FileLock::exclusive(&agent.paths.maps_lock);
+    if let Err(e) = &maps_lock {
+        report.errors.push(format!("cannot lock the maps: {e}"));
+        return;
+    }
+
+    // 1. Access off first: whatever goes away stops being routable before anything else.
+    if !plan.access_off.is_empty() {
+        let access_now = observed.runtime_access.clone().unwrap_or_default();
+        let keep: Entries = access_now
+            .into_iter()
+            .filter(|(k, _)| {
+                !plan
+                    .access_off
+                    .iter()
+                    .any(|s| matches!(s, MapStep::Del { key } if key == k))
+            })
+            .collect();
+        match maps::apply(&api, &agent.paths.access_map, &plan.access_off, &keep).await {
+            Ok(()) => report.done.extend(
+                plan.access_off
+                    .iter()
+                    .map(|s| format!("access closed: {}", key_of(s))),
+            ),
+            Err(e) => report.errors.push(format!("closing access: {e}")),
+        }
+    }
+
+    // 2. Servers: create / replace / start, then wait until they accept logins.
+    let mut failed: BTreeSet<TenantId> = BTreeSet::new();
+    let ready_timeout = Duration::from_secs(agent.settings.docker.ready_timeout_secs);
+    if let Some(d) = driver {
+        for step in plan
+            .instances
+            .iter()
+            .filter(|s| !matches!(s, InstanceStep::Remove { .. }))
+        {
+            let id = step.tenant();
+            let result = match step {
+                InstanceStep::Create { spec, .. }
+                | InstanceStep::Replace { spec, .. }
+                | InstanceStep::Start { spec, .. } => match d.ensure(id, spec).await {
+                    Ok(()) => d.wait_ready(id, ready_timeout).await,
+                    Err(e) => Err(e),
+                },
+                InstanceStep::AwaitReady { .. } => d.wait_ready(id, ready_timeout).await,
+                InstanceStep::Stop { .. } => d.stop(id).await,
+                InstanceStep::Remove { .. } => unreachable!("filtered above"),
+            };
+            match result {
+                Ok(()) => report.done.push(describe_instance(step)),
+                Err(e) => {
+                    report.errors.push(e.to_string());
+                    failed.insert(id.clone());
+                }
+            }
+        }
+    }
+    report.held_back = failed.iter().cloned().collect();
+
+    // 3. Config: check, write, reload (only when the backend set changed). The access map
+    // written with it leaves out servers that are not ready: a reload must not open them.
+    let mut want_access = maps::entries(render::access_entries(tenants));
+    want_access.retain(|k, _| !failed.iter().any(|f| f.as_str() == k));
+    let rendered = Rendered {
+        access_map: render::map_file(want_access.clone()),
+        ..rendered.clone()
+    };
+    let mut config_ok = true;
+    if plan.write_config || plan.reload {
+        config_ok = write_and_reload(agent, tenants, &rendered, plan, report).await;
+    }
+
+    // 4. Maps: the files always; the running HAProxy for what a reload did not bring.
+    if !config_ok {
+        // Tenants new in this config are not in the running HAProxy: do not open them.
+        let known = observed.runtime_backends.clone().unwrap_or_default();
+        want_access.retain(|k, _| known.contains_key(k));
+    }
+    if let Err(e) = maps::write_file(&agent.paths.access_map, &want_access) {
+        report
+            .errors
+            .push(format!("writing {}: {e}", agent.paths.access_map.display()));
+    }
+    if observed.haproxy_running && config_ok {
+        let want_backends = parse_map(&rendered.backends_map);
+        match maps::sync(&api, &agent.paths.backends_map, &want_backends).await {
+            Ok(steps) => report
+                .done
+                .extend(steps.iter().map(|s| format!("backends map: {}", key_of(s)))),
+            Err(e) => report.errors.push(format!("backends map: {e}")),
+        }
+    }
+    if observed.haproxy_running {
+        match maps::sync(&api, &agent.paths.access_map, &want_access).await {
+            Ok(steps) => report.done.extend(steps.iter().map(|s| match s {
+                MapStep::Set { key, .. } => format!("access opened: {key}"),
+                MapStep::Del { key } => format!("access closed: {key}"),
+            })),
+            Err(e) => report.errors.push(format!("access map: {e}")),
+        }
+    }
+    drop(maps_lock);
+
+    // 5. Containers of tenants that went away: after their backend is gone. Volumes stay.
+    if let Some(d) = driver {
+        for step in plan
+            .instances
+            .iter()
+            .filter(|s| matches!(s, InstanceStep::Remove { .. }))
+        {
+            match d.remove(step.tenant(), false).await {
+                Ok(r) => report.done.push(format!(
+                    "server removed: {} (data volume {} kept)",
+                    step.tenant(),
+                    r.volume.as_deref().unwrap_or("-")
+                )),
+                Err(e) => report.errors.push(e.to_string()),
+            }
+        }
+    }
+}
+
+/// Checks the candidate, installs it, and reloads HAProxy if it runs and the plan says so. On
+/// any failure the previous files are put back and HAProxy keeps serving what it had.
+async fn write_and_reload(
+    agent: &Agent,
+    tenants: &Tenants,
+    rendered: &Rendered,
+    plan: &Plan,
+    report: &mut Report,
+) -> bool {
+    if let Err(e) = render::check(agent, tenants).await {
+        report
+            .errors
+            .push(format!("{e}; the running configuration was kept"));
+        return false;
+    }
+    let previous = Snapshot::take(agent);
+    match render::install(&agent.paths, rendered) {
+        Ok(w) if w.any() => report.done.push("configuration written".into()),
+        Ok(_) => {}
+        Err(e) => {
+            previous.restore();
+            report.errors.push(format!("writing HAProxy's files: {e}"));
+            return false;
+        }
+    }
+    if !plan.reload {
+        return true;
+    }
+    let master = MasterCli::new(agent.paths.master_socket.clone());
+    match master.reload_and_confirm(RELOAD_DEADLINE).await {
+        Ok(procs) => {
+            let pid = procs.current_workers().map(|w| w.pid).max().unwrap_or(0);
+            write_loaded_marker(agent, pid, &rendered.cfg);
+            report.reloaded = true;
+            report
+                .done
+                .push(format!("HAProxy reloaded (new worker {pid})"));
+            true
+        }
+        Err(e) => {
+            previous.restore();
+            report.errors.push(format!(
+                "HAProxy reload failed, previous files restored: {e}"
+            ));
+            false
+        }
+    }
+}
+
+/// The rendered files as they were before a write, to put back on failure.
+struct Snapshot(Vec<(std::path::PathBuf, Option<Vec<u8>>)>);
+
+impl Snapshot {
+    fn take(agent: &Agent) -> Snapshot {
+        let p = &agent.paths;
+        Snapshot(
+            [&p.haproxy_cfg, &p.backends_map, &p.access_map, &p.lua]
+                .into_iter()
+                .map(|f| (f.clone(), std::fs::read(f).ok()))
+                .collect(),
+        )
+    }
+
+    fn restore(&self) {
+        for (path, old) in &self.0 {
+            let result = match old {
+                Some(bytes) => fsutil::write_atomic(path, bytes, 0o644),
+                None => std::fs::remove_file(path).or(Ok(())),
+            };
+            if let Err(e) = result {
+                warn!(file = %path.display(), error = %e, "could not restore");
+            }
+        }
+    }
+}
+
+fn key_of(s: &MapStep) -> &str {
+    match s {
+        MapStep::Set { key, .. } | MapStep::Del { key } => key,
+    }
+}
+
+fn describe_instance(step: &InstanceStep) -> String {
+    match step {
+        InstanceStep::Create { tenant, .. } => format!("server created and ready: {tenant}"),
+        InstanceStep::Replace { tenant, .. } => format!("server replaced and ready: {tenant}"),
+        InstanceStep::Start { tenant, .. } => format!("server started and ready: {tenant}"),
+        InstanceStep::AwaitReady { tenant } => format!("server ready: {tenant}"),
+        InstanceStep::Stop { tenant } => format!("server stopped: {tenant}"),
+        InstanceStep::Remove { tenant } => format!("server removed: {tenant}"),
+    }
+}
