@@ -1,4 +1,4 @@
-//! The integration suite: one binary, real HAProxy, PostgreSQL (and, later, dockerd).
+//! The integration suite: one binary, real HAProxy, PostgreSQL and dockerd.
 //! `PGS_REQUIRE_INTEGRATION=1` (set by .ci/run) turns a missing tool into a failure.
 
 #[path = "support/mod.rs"]
@@ -14,3 +14,5 @@ mod instances;
 mod protocol;
 #[path = "routing.rs"]
 mod routing;
+#[path = "tenants.rs"]
+mod tenants;
