@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The main job on a fresh Debian 12 machine, as root: install what is missing, start a Docker
+# engine, build the agent and the tenant image, create a layout, start HAProxy and
+# `pgs-agent run`, create an enabled demo tenant, and print the psql line.
+# Idempotent: a second run reuses everything that is there.
+#
+#   scripts/quickstart.sh          set up (or check) and print how to connect
+#   scripts/quickstart.sh stop     stop the agent and HAProxy (tenant containers keep running)
+#   scripts/quickstart.sh purge    stop everything and delete the demo layout, containers, volumes
+#
+# Env: PGS_DEMO_DIR (default /var/lib/pgs-demo), PGS_DEMO_LISTEN (default 127.0.0.1:6432),
+#      PGS_DEMO_TENANT (default demo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+dir=${PGS_DEMO_DIR:-/var/lib/pgs-demo}
+listen=${PGS_DEMO_LISTEN:-127.0.0.1:6432}
+tenant=${PGS_DEMO_TENANT:-demo}
+agent=$repo/target/release/pgs-agent
+cfg=$dir/pgs.toml
+start=$(date +%s)
+step() { echo "==> [$(( $(date +%s) - start ))s] $*"; }
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+stop_pid() {
+    local pidfile=$1 name=$2
+    if alive "$pidfile"; then
+        local pid; pid=$(cat "$pidfile")
+        kill -TERM "$pid"
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        echo "stopped $name (pid $pid)"
+    fi
+    rm -f "$pidfile"
+}
+
+case "${1:-}" in
+stop)
+    stop_pid "$dir/run/agent.pid" pgs-agent
+    stop_pid "$dir/run/haproxy-master.pid" HAProxy
+    exit 0 ;;
+purge)
+    stop_pid "$dir/run/agent.pid" pgs-agent
+    if [ -x "$agent" ] && [ -f "$cfg" ]; then
+        for t in $("$agent" -c "$cfg" tenant list --json 2>/dev/null | sed -n 's/^    "id": "\(.*\)",$/\1/p'); do
+            "$agent" -c "$cfg" tenant delete "$t" --purge-data || true
+        done
+    fi
+    stop_pid "$dir/run/haproxy-master.pid" HAProxy
+    rm -rf "$dir"
+    echo "purged $dir"
+    exit 0 ;;
+"") ;;
+*) echo "usage: $0 [stop|purge]" >&2; exit 2 ;;
+esac
+
+step "dependencies (Debian packages)"
+scripts/install-deps.sh
+step "Docker engine"
+scripts/start-dockerd.sh
+step "tenant image pgs/postgres:15"
+docker/build-image.sh 15
+step "building pgs-agent (release)"
+cargo build --release --locked --quiet
+
+if [ -f "$cfg" ]; then
+    step "layout $dir exists; reusing it"
+else
+    step "creating layout $dir"
+    "$agent" init "$dir" --listen "$listen"
+fi
+
+step "rendering HAProxy's files"
+"$agent" -c "$cfg" render
+
+if alive "$dir/run/haproxy-master.pid"; then
+    step "HAProxy already running (pid $(cat "$dir/run/haproxy-master.pid"))"
+else
+    step "starting HAProxy: haproxy -W -S $dir/run/master.sock -f $dir/haproxy/pgs.cfg"
+    setsid nohup haproxy -W -S "$dir/run/master.sock" -f "$dir/haproxy/pgs.cfg" \
+        >>"$dir/haproxy.log" 2>&1 </dev/null &
+    echo $! >"$dir/run/haproxy-master.pid"
+    for _ in $(seq 100); do [ -S "$dir/run/admin.sock" ] && break; sleep 0.1; done
+    [ -S "$dir/run/admin.sock" ] || { tail -20 "$dir/haproxy.log"; echo "HAProxy did not start" >&2; exit 1; }
+fi
+
+if alive "$dir/run/agent.pid"; then
+    step "pgs-agent run already running (pid $(cat "$dir/run/agent.pid"))"
+else
+    step "starting pgs-agent run (log: $dir/agent.log)"
+    setsid nohup "$agent" -c "$cfg" run >>"$dir/agent.log" 2>&1 </dev/null &
+    echo $! >"$dir/run/agent.pid"
+fi
+
+if "$agent" -c "$cfg" tenant show "$tenant" >/dev/null 2>&1; then
+    step "tenant $tenant exists"
+    "$agent" -c "$cfg" access enable "$tenant" >/dev/null
+else
+    step "creating tenant $tenant (container, volume, wait for logins, backend, access)"
+    "$agent" -c "$cfg" tenant create "$tenant" --enable
+fi
+
+uri=$("$agent" -c "$cfg" tenant credentials "$tenant")
+psql "$uri" -Atqc "select 'demo tenant answers: ' || current_user" >/dev/null \
+    || { echo "the demo tenant does not answer through HAProxy; see $dir/agent.log" >&2; exit 1; }
+step "done"
+cat <<EOF
+
+pgs is running. Connect to tenant "$tenant" through HAProxy:
+
+  psql "\$($agent -c $cfg tenant credentials $tenant)"
+
+More:
+  $agent -c $cfg tenant create acme --enable     another tenant
+  $agent -c $cfg access disable $tenant           refuse new connections, instantly
+  $agent -c $cfg tenant list
+  logs: $dir/agent.log, $dir/haproxy.log
+  stop: scripts/quickstart.sh stop      remove everything: scripts/quickstart.sh purge
+EOF
