@@ -129,6 +129,10 @@ pub struct InitArgs {
     /// Address HAProxy accepts PostgreSQL clients on.
     #[arg(long, value_name = "HOST:PORT", default_value = crate::settings::DEFAULT_LISTEN)]
     pub listen: String,
+
+    /// Address (HOST:PORT or a unix socket path) `run` serves the HTTP API on; "" for none.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub api_listen: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

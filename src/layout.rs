@@ -29,7 +29,6 @@ pub fn init(dir: &Path, settings: &Settings) -> anyhow::Result<PathBuf> {
         }
     }
     for d in [
-        &paths.state_dir,
         &paths.run_dir,
         &paths.tenant_sockets_dir,
         &paths.haproxy_dir,
@@ -40,12 +39,22 @@ pub fn init(dir: &Path, settings: &Settings) -> anyhow::Result<PathBuf> {
     fs::create_dir_all(&paths.secrets_dir)
         .and_then(|()| fs::set_permissions(&paths.secrets_dir, fs::Permissions::from_mode(0o700)))
         .with_context(|| format!("cannot create {}", paths.secrets_dir.display()))?;
+    fsutil::write_atomic(&paths.api_token, new_token()?.as_bytes(), 0o600)
+        .with_context(|| format!("cannot write {}", paths.api_token.display()))?;
     fsutil::write_atomic(&paths.tenants_file, tenants::empty_file().as_bytes(), 0o644)
         .with_context(|| format!("cannot write {}", paths.tenants_file.display()))?;
     // The settings file goes last: its presence marks a complete layout.
     fsutil::write_atomic(&config, settings.to_commented_toml().as_bytes(), 0o644)
         .with_context(|| format!("cannot write {}", config.display()))?;
     Ok(config)
+}
+
+/// A new API token: 32 random bytes, hex.
+fn new_token() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| anyhow::anyhow!("no randomness for the API token: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]

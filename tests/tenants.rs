@@ -55,14 +55,10 @@ impl Managed {
     }
 
     fn password(&self, id: &str) -> String {
-        std::fs::read_to_string(
-            self.layout
-                .root()
-                .join(format!("state/secrets/{id}.password")),
-        )
-        .unwrap()
-        .trim()
-        .to_owned()
+        std::fs::read_to_string(self.layout.root().join(format!("secrets/{id}.password")))
+            .unwrap()
+            .trim()
+            .to_owned()
     }
 
     /// Runs `sql` through HAProxy as tenant `id`.

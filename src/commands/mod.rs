@@ -47,6 +47,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
     let mut settings = Settings::default();
     settings.haproxy.listen = args.listen;
+    if let Some(api) = args.api_listen {
+        settings.api.listen = api;
+    }
     settings.check()?;
     let config = layout::init(&args.dir, &settings)?;
     let agent = Agent::load(&config)?;
@@ -54,6 +57,13 @@ fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
     println!("Created a pgs layout in {}", args.dir.display());
     println!("  settings      {}", config.display());
     println!("  tenants file  {}", p.tenants_file.display());
+    if !agent.settings.api.listen.is_empty() {
+        println!(
+            "  HTTP API      {} (served by `run`; bearer token in {})",
+            agent.settings.api.listen,
+            p.api_token.display()
+        );
+    }
     println!("Next:");
     println!("  pgs-agent -c {} render", config.display());
     println!(
