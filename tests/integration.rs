@@ -6,6 +6,8 @@ mod support;
 
 #[path = "access.rs"]
 mod access;
+#[path = "cli.rs"]
+mod cli;
 #[path = "golden_check.rs"]
 mod golden_check;
 #[path = "instances.rs"]

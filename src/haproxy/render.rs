@@ -212,7 +212,6 @@ pub async fn check(agent: &Agent, tenants: &Tenants) -> Result<(), CheckError> {
 pub async fn check_file(binary: &Path, cfg: &Path) -> Result<(), CheckError> {
     let out = tokio::process::Command::new(binary)
         .arg("-c")
-        .arg("-q")
         .arg("-f")
         .arg(cfg)
         .stdin(Stdio::null())
@@ -225,7 +224,12 @@ pub async fn check_file(binary: &Path, cfg: &Path) -> Result<(), CheckError> {
     if out.status.success() {
         return Ok(());
     }
-    let mut message = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    // HAProxy's own words, without its version banner.
+    let mut message = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("[NOTICE]"))
+        .collect::<Vec<_>>()
+        .join("\n");
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !stdout.trim().is_empty() {
         message.push('\n');
