@@ -9,6 +9,7 @@
 //! - `settings`  — agent settings (`pgs.toml`) and `Paths`, where every file path comes from.
 //! - `layout`    — `init`: a new self-contained layout.
 //! - `tenants`   — the tenants file: raw JSON → validated `Tenants`, `TenantId`, locked writer.
+//! - `pglogin`   — a minimal PostgreSQL login (SCRAM) that proves a server is ready.
 //! - `plan`      — the pure planner: (desired, observed) → `Plan`.
 //! - `reconcile` — observe, plan, apply: the single writer of HAProxy's files and maps.
 //! - `haproxy`   — rendered files and `haproxy -c` (`render`), maps in file and memory
@@ -24,6 +25,7 @@ pub mod fsutil;
 pub mod haproxy;
 pub mod instances;
 pub mod layout;
+pub mod pglogin;
 pub mod plan;
 pub mod reconcile;
 pub mod settings;

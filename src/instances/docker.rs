@@ -22,11 +22,10 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures_util::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 
 use super::{DriverError, InstanceDriver, ObservedInstance, Removed, RunState};
 use crate::fsutil;
+use crate::pglogin;
 use crate::settings::{DockerSettings, Paths};
 use crate::tenants::{self, ManagedSpec, TenantId};
 
@@ -715,37 +714,39 @@ impl InstanceDriver for DockerDriver {
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let attempt = remaining.clamp(Duration::from_millis(200), ATTEMPT_TIMEOUT);
-            let last =
-                match tokio::time::timeout(attempt, wire::login(&socket, id.as_str(), &password))
-                    .await
-                {
-                    Ok(Ok(how)) => {
-                        tracing::info!(
-                            tenant = %id,
-                            "PostgreSQL accepts logins ({how}) after {:.1}s",
-                            started.elapsed().as_secs_f64()
-                        );
-                        return Ok(());
-                    }
-                    Ok(Err(wire::LoginError::Fatal(message))) => {
-                        let hint = if message.contains("28P01") {
-                            format!(
-                                "; the data volume {} was initialized with another password \
+            let last = match tokio::time::timeout(
+                attempt,
+                pglogin::login(&socket, id.as_str(), &password),
+            )
+            .await
+            {
+                Ok(Ok(how)) => {
+                    tracing::info!(
+                        tenant = %id,
+                        "PostgreSQL accepts logins ({how}) after {:.1}s",
+                        started.elapsed().as_secs_f64()
+                    );
+                    return Ok(());
+                }
+                Ok(Err(pglogin::LoginError::Fatal(message))) => {
+                    let hint = if message.contains("28P01") {
+                        format!(
+                            "; the data volume {} was initialized with another password \
                                  than the one in {}",
-                                self.volume_name(id),
-                                self.paths.tenant_password_file(id).display()
-                            )
-                        } else {
-                            String::new()
-                        };
-                        return Err(failed(
-                            id,
-                            format!("PostgreSQL refused the tenant's login: {message}{hint}"),
-                        ));
-                    }
-                    Ok(Err(wire::LoginError::NotYet(message))) => message,
-                    Err(_) => format!("no answer within {attempt:?}"),
-                };
+                            self.volume_name(id),
+                            self.paths.tenant_password_file(id).display()
+                        )
+                    } else {
+                        String::new()
+                    };
+                    return Err(failed(
+                        id,
+                        format!("PostgreSQL refused the tenant's login: {message}{hint}"),
+                    ));
+                }
+                Ok(Err(pglogin::LoginError::NotYet(message))) => message,
+                Err(_) => format!("no answer within {attempt:?}"),
+            };
             if Instant::now() >= deadline {
                 tracing::warn!(tenant = %id, "not ready after {timeout:?}; last attempt: {last}");
                 return Err(DriverError::NotReady {
@@ -1146,482 +1147,8 @@ fn listing_err(socket: &Path, prefix: &str, what: &str, e: EngineError) -> Drive
 
 // ----- readiness: a real SCRAM-SHA-256 login over the unix socket -----------------------------
 
-mod wire {
-    use super::*;
-
-    pub enum LoginError {
-        /// The server is not there yet or is starting up: try again.
-        NotYet(String),
-        /// The server answered and refused: waiting will not help.
-        Fatal(String),
-    }
-
-    const PROTOCOL_3: u32 = 3 << 16;
-    const MAX_MESSAGE: usize = 1 << 20;
-
-    /// Logs in as `user` to database `user` and waits for ReadyForQuery. Returns how the
-    /// password was checked.
-    pub async fn login(
-        socket: &Path,
-        user: &str,
-        password: &str,
-    ) -> Result<&'static str, LoginError> {
-        let not_yet = |e: io::Error| LoginError::NotYet(format!("{}: {e}", socket.display()));
-        let mut s = UnixStream::connect(socket).await.map_err(not_yet)?;
-        let mut params = Vec::new();
-        for (k, v) in [
-            ("user", user),
-            ("database", user),
-            ("application_name", "pgs-agent"),
-        ] {
-            params.extend_from_slice(k.as_bytes());
-            params.push(0);
-            params.extend_from_slice(v.as_bytes());
-            params.push(0);
-        }
-        params.push(0);
-        let mut startup = Vec::with_capacity(params.len() + 8);
-        startup.extend_from_slice(&(params.len() as u32 + 8).to_be_bytes());
-        startup.extend_from_slice(&PROTOCOL_3.to_be_bytes());
-        startup.extend_from_slice(&params);
-        s.write_all(&startup).await.map_err(not_yet)?;
-
-        let mut scram: Option<scram::Client> = None;
-        let mut verified = false;
-        let mut how = "trust";
-        loop {
-            let (tag, body) = read_message(&mut s).await.map_err(not_yet)?;
-            match tag {
-                b'R' => {
-                    let code =
-                        be_u32(&body).ok_or_else(|| fatal("short authentication request"))?;
-                    let data = &body[4..];
-                    match code {
-                        0 => {
-                            if scram.is_some() && !verified {
-                                return Err(fatal("server skipped SCRAM's final step"));
-                            }
-                        }
-                        3 => {
-                            how = "cleartext password";
-                            let mut msg = password.as_bytes().to_vec();
-                            msg.push(0);
-                            send(&mut s, b'p', &msg).await.map_err(not_yet)?;
-                        }
-                        5 => {
-                            // MD5 is not implemented here: the server is up and asks for a
-                            // password, which is what readiness means; the password is unchecked.
-                            let _ = send(&mut s, b'X', &[]).await;
-                            return Ok("md5 requested, password not checked");
-                        }
-                        10 => {
-                            let mechanisms: Vec<&[u8]> =
-                                data.split(|b| *b == 0).filter(|m| !m.is_empty()).collect();
-                            if !mechanisms.contains(&&b"SCRAM-SHA-256"[..]) {
-                                return Err(fatal("server offers no SCRAM-SHA-256"));
-                            }
-                            let client = scram::Client::new(password).map_err(|e| fatal(&e))?;
-                            let first = client.first_message();
-                            let mut msg = b"SCRAM-SHA-256\0".to_vec();
-                            msg.extend_from_slice(&(first.len() as u32).to_be_bytes());
-                            msg.extend_from_slice(first.as_bytes());
-                            send(&mut s, b'p', &msg).await.map_err(not_yet)?;
-                            scram = Some(client);
-                            how = "SCRAM-SHA-256";
-                        }
-                        11 => {
-                            let client = scram
-                                .as_mut()
-                                .ok_or_else(|| fatal("SASL continue without SASL start"))?;
-                            let server_first = std::str::from_utf8(data)
-                                .map_err(|_| fatal("server-first-message is not UTF-8"))?;
-                            let final_msg =
-                                client.final_message(server_first).map_err(|e| fatal(&e))?;
-                            send(&mut s, b'p', final_msg.as_bytes())
-                                .await
-                                .map_err(not_yet)?;
-                        }
-                        12 => {
-                            let client = scram
-                                .as_ref()
-                                .ok_or_else(|| fatal("SASL final without SASL start"))?;
-                            let server_final = std::str::from_utf8(data)
-                                .map_err(|_| fatal("server-final-message is not UTF-8"))?;
-                            client.verify_server(server_final).map_err(|e| fatal(&e))?;
-                            verified = true;
-                        }
-                        other => {
-                            return Err(fatal(&format!(
-                                "unsupported authentication request {other}"
-                            )))
-                        }
-                    }
-                }
-                b'E' => return Err(classify_error(&body)),
-                b'Z' => {
-                    let _ = send(&mut s, b'X', &[]).await;
-                    return Ok(how);
-                }
-                // ParameterStatus, BackendKeyData, NoticeResponse, ...
-                _ => {}
-            }
-        }
-    }
-
-    fn fatal(message: &str) -> LoginError {
-        LoginError::Fatal(message.to_owned())
-    }
-
-    fn be_u32(b: &[u8]) -> Option<u32> {
-        Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?))
-    }
-
-    async fn send(s: &mut UnixStream, tag: u8, body: &[u8]) -> io::Result<()> {
-        let mut msg = Vec::with_capacity(body.len() + 5);
-        msg.push(tag);
-        msg.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-        msg.extend_from_slice(body);
-        s.write_all(&msg).await
-    }
-
-    async fn read_message(s: &mut UnixStream) -> io::Result<(u8, Vec<u8>)> {
-        let mut head = [0u8; 5];
-        s.read_exact(&mut head).await?;
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        if !(4..=MAX_MESSAGE).contains(&len) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad message length {len}"),
-            ));
-        }
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).await?;
-        Ok((head[0], body))
-    }
-
-    /// ErrorResponse → retry (starting up, too many connections, shutting down) or give up
-    /// (wrong password, no such role or database).
-    pub fn classify_error(body: &[u8]) -> LoginError {
-        let mut code = "";
-        let mut message = "";
-        for field in body.split(|b| *b == 0) {
-            let Some((&kind, value)) = field.split_first() else {
-                continue;
-            };
-            let value = std::str::from_utf8(value).unwrap_or("");
-            match kind {
-                b'C' => code = value,
-                b'M' => message = value,
-                _ => {}
-            }
-        }
-        let text = format!("{message} (SQLSTATE {code})");
-        match code {
-            "28P01" | "28000" | "3D000" => LoginError::Fatal(text),
-            _ => LoginError::NotYet(text),
-        }
-    }
-}
-
-mod scram {
-    //! The client side of SCRAM-SHA-256 (RFC 5802, RFC 7677) as PostgreSQL uses it: no
-    //! channel binding, the user name comes from the startup message.
-
-    use super::crypto::{b64_decode, b64_encode, hi, hmac, sha256};
-
-    pub struct Client {
-        password: String,
-        nonce: String,
-        first_bare: String,
-        server_signature: Option<[u8; 32]>,
-    }
-
-    impl Client {
-        pub fn new(password: &str) -> Result<Client, String> {
-            let mut raw = [0u8; 18];
-            getrandom::fill(&mut raw).map_err(|e| format!("getrandom: {e}"))?;
-            Ok(Client::with_nonce(password, &b64_encode(&raw)))
-        }
-
-        pub fn with_nonce(password: &str, nonce: &str) -> Client {
-            Client {
-                password: password.to_owned(),
-                nonce: nonce.to_owned(),
-                first_bare: format!("n=,r={nonce}"),
-                server_signature: None,
-            }
-        }
-
-        /// For the RFC's test vector, which names its user.
-        #[cfg(test)]
-        pub fn set_first_bare(&mut self, first_bare: &str) {
-            self.first_bare = first_bare.to_owned();
-        }
-
-        pub fn first_message(&self) -> String {
-            format!("n,,{}", self.first_bare)
-        }
-
-        /// client-final-message for `server_first`; remembers the expected server signature.
-        pub fn final_message(&mut self, server_first: &str) -> Result<String, String> {
-            let mut nonce = None;
-            let mut salt = None;
-            let mut iterations = None;
-            for attr in server_first.split(',') {
-                match attr.split_once('=') {
-                    Some(("r", v)) => nonce = Some(v),
-                    Some(("s", v)) => salt = Some(b64_decode(v).ok_or("bad salt")?),
-                    Some(("i", v)) => iterations = v.parse::<u32>().ok(),
-                    _ => {}
-                }
-            }
-            let (Some(nonce), Some(salt), Some(iterations)) = (nonce, salt, iterations) else {
-                return Err(format!("malformed server-first-message {server_first:?}"));
-            };
-            if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
-                return Err("server nonce does not extend ours".into());
-            }
-            if !(1..=1_000_000).contains(&iterations) {
-                return Err(format!("unreasonable iteration count {iterations}"));
-            }
-            // The password is 64 hex digits: SASLprep leaves it as is.
-            let salted = hi(self.password.as_bytes(), &salt, iterations);
-            let client_key = hmac(&salted, b"Client Key");
-            let stored_key = sha256(&client_key);
-            let without_proof = format!("c=biws,r={nonce}");
-            let auth_message = format!("{},{server_first},{without_proof}", self.first_bare);
-            let client_signature = hmac(&stored_key, auth_message.as_bytes());
-            let mut proof = client_key;
-            for (p, s) in proof.iter_mut().zip(client_signature) {
-                *p ^= s;
-            }
-            let server_key = hmac(&salted, b"Server Key");
-            self.server_signature = Some(hmac(&server_key, auth_message.as_bytes()));
-            Ok(format!("{without_proof},p={}", b64_encode(&proof)))
-        }
-
-        /// Checks the server's proof that it knows the password too.
-        pub fn verify_server(&self, server_final: &str) -> Result<(), String> {
-            if let Some(e) = server_final.strip_prefix("e=") {
-                return Err(format!("server rejected the login: {e}"));
-            }
-            let got = server_final
-                .strip_prefix("v=")
-                .and_then(|v| b64_decode(v.split(',').next().unwrap_or("")))
-                .ok_or_else(|| format!("malformed server-final-message {server_final:?}"))?;
-            match self.server_signature {
-                Some(want) if got == want => Ok(()),
-                _ => Err("the server's SCRAM signature is wrong".into()),
-            }
-        }
-    }
-}
-
-mod crypto {
-    //! SHA-256, HMAC-SHA-256, PBKDF2 (SCRAM's `Hi`) and base64: just enough for a SCRAM login
-    //! without another dependency. Checked against the FIPS 180-2, RFC 4231 and RFC 7677 vectors.
-
-    const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-        0xc67178f2,
-    ];
-
-    #[derive(Clone)]
-    pub struct Sha256 {
-        state: [u32; 8],
-        buf: [u8; 64],
-        buf_len: usize,
-        total: u64,
-    }
-
-    impl Sha256 {
-        pub fn new() -> Sha256 {
-            Sha256 {
-                state: [
-                    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c,
-                    0x1f83d9ab, 0x5be0cd19,
-                ],
-                buf: [0; 64],
-                buf_len: 0,
-                total: 0,
-            }
-        }
-
-        pub fn update(&mut self, mut data: &[u8]) {
-            self.total = self.total.wrapping_add(data.len() as u64);
-            while !data.is_empty() {
-                let take = (64 - self.buf_len).min(data.len());
-                self.buf[self.buf_len..self.buf_len + take].copy_from_slice(&data[..take]);
-                self.buf_len += take;
-                data = &data[take..];
-                if self.buf_len == 64 {
-                    let block = self.buf;
-                    self.compress(&block);
-                    self.buf_len = 0;
-                }
-            }
-        }
-
-        pub fn finish(mut self) -> [u8; 32] {
-            let bits = self.total.wrapping_mul(8);
-            self.update(&[0x80]);
-            while self.buf_len != 56 {
-                self.update(&[0]);
-            }
-            self.update(&bits.to_be_bytes());
-            let mut out = [0u8; 32];
-            for (chunk, word) in out.chunks_exact_mut(4).zip(self.state) {
-                chunk.copy_from_slice(&word.to_be_bytes());
-            }
-            out
-        }
-
-        fn compress(&mut self, block: &[u8; 64]) {
-            let mut w = [0u32; 64];
-            for (i, chunk) in block.chunks_exact(4).enumerate() {
-                w[i] = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-            }
-            for i in 16..64 {
-                let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
-                let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-                w[i] = w[i - 16]
-                    .wrapping_add(s0)
-                    .wrapping_add(w[i - 7])
-                    .wrapping_add(s1);
-            }
-            let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = self.state;
-            for i in 0..64 {
-                let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
-                let ch = (e & f) ^ (!e & g);
-                let t1 = h
-                    .wrapping_add(s1)
-                    .wrapping_add(ch)
-                    .wrapping_add(K[i])
-                    .wrapping_add(w[i]);
-                let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
-                let maj = (a & b) ^ (a & c) ^ (b & c);
-                let t2 = s0.wrapping_add(maj);
-                h = g;
-                g = f;
-                f = e;
-                e = d.wrapping_add(t1);
-                d = c;
-                c = b;
-                b = a;
-                a = t1.wrapping_add(t2);
-            }
-            for (s, v) in self.state.iter_mut().zip([a, b, c, d, e, f, g, h]) {
-                *s = s.wrapping_add(v);
-            }
-        }
-    }
-
-    pub fn sha256(data: &[u8]) -> [u8; 32] {
-        let mut h = Sha256::new();
-        h.update(data);
-        h.finish()
-    }
-
-    /// HMAC-SHA-256 with the key's pads absorbed once, for PBKDF2's many rounds.
-    struct HmacKey {
-        inner: Sha256,
-        outer: Sha256,
-    }
-
-    impl HmacKey {
-        fn new(key: &[u8]) -> HmacKey {
-            let mut k = [0u8; 64];
-            if key.len() > 64 {
-                k[..32].copy_from_slice(&sha256(key));
-            } else {
-                k[..key.len()].copy_from_slice(key);
-            }
-            let mut inner = Sha256::new();
-            inner.update(&k.map(|b| b ^ 0x36));
-            let mut outer = Sha256::new();
-            outer.update(&k.map(|b| b ^ 0x5c));
-            HmacKey { inner, outer }
-        }
-
-        fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
-            let mut inner = self.inner.clone();
-            for p in parts {
-                inner.update(p);
-            }
-            let mut outer = self.outer.clone();
-            outer.update(&inner.finish());
-            outer.finish()
-        }
-    }
-
-    pub fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
-        HmacKey::new(key).mac(&[msg])
-    }
-
-    /// PBKDF2-HMAC-SHA-256 with one output block (SCRAM's `Hi`).
-    pub fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
-        let key = HmacKey::new(password);
-        let mut u = key.mac(&[salt, &1u32.to_be_bytes()]);
-        let mut out = u;
-        for _ in 1..iterations {
-            u = key.mac(&[&u]);
-            for (o, x) in out.iter_mut().zip(u) {
-                *o ^= x;
-            }
-        }
-        out
-    }
-
-    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-    pub fn b64_encode(data: &[u8]) -> String {
-        let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-        for chunk in data.chunks(3) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
-
-    pub fn b64_decode(text: &str) -> Option<Vec<u8>> {
-        let text = text.trim_end_matches('=');
-        let mut out = Vec::with_capacity(text.len() * 3 / 4);
-        let mut acc = 0u32;
-        let mut bits = 0;
-        for c in text.bytes() {
-            let v = B64.iter().position(|b| *b == c)? as u32;
-            acc = acc << 6 | v;
-            bits += 6;
-            if bits >= 8 {
-                bits -= 8;
-                out.push((acc >> bits) as u8);
-                acc &= (1 << bits) - 1;
-            }
-        }
-        Some(out)
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::crypto::*;
     use super::*;
 
     fn id(s: &str) -> TenantId {
@@ -1642,10 +1169,6 @@ mod tests {
             password_file: "/srv/pgs/state/secrets/acme.password".into(),
             init_scripts: vec!["/srv/pgs/init/schema.sql".into(), "/x/seed.sh".into()],
         }
-    }
-
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[test]
@@ -1838,91 +1361,6 @@ mod tests {
         assert_eq!(tail.lines().count(), 20);
         assert!(tail.starts_with("line 11 ********"));
         assert!(!tail.contains("s3cret"));
-    }
-
-    #[test]
-    fn sha256_hmac_pbkdf2_base64_match_published_vectors() {
-        assert_eq!(
-            hex(&sha256(b"abc")),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-        assert_eq!(
-            hex(&sha256(
-                b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"
-            )),
-            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
-        );
-        assert_eq!(
-            hex(&sha256(b"")),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
-        // RFC 4231 test case 2.
-        assert_eq!(
-            hex(&hmac(b"Jefe", b"what do ya want for nothing?")),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
-        // RFC 4231 test case 6 (key longer than a block).
-        assert_eq!(
-            hex(&hmac(
-                &[0xaa; 131],
-                b"Test Using Larger Than Block-Size Key - Hash Key First"
-            )),
-            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
-        );
-        // PBKDF2-HMAC-SHA256, "password"/"salt", 4096 rounds.
-        assert_eq!(
-            hex(&hi(b"password", b"salt", 4096)),
-            "c5e478d59288c841aa530db6845c4c8d962893a001ce4e11a4963873aa98134a"
-        );
-        for data in [&b""[..], b"f", b"fo", b"foo", b"foob", b"fooba", b"foobar"] {
-            assert_eq!(b64_decode(&b64_encode(data)).unwrap(), data);
-        }
-        assert_eq!(b64_encode(b"foobar"), "Zm9vYmFy");
-        assert_eq!(b64_encode(b"fooba"), "Zm9vYmE=");
-        assert_eq!(b64_encode(b"foob"), "Zm9vYg==");
-        assert_eq!(b64_decode("bad!"), None);
-    }
-
-    #[test]
-    fn scram_matches_rfc_7677() {
-        // RFC 7677 uses "n=user"; PostgreSQL sends an empty user name, so rebuild the
-        // client-first-bare the RFC way to reuse its vector.
-        let mut c = scram::Client::with_nonce("pencil", "rOprNGfwEbeRWgbNEkqO");
-        assert_eq!(c.first_message(), "n,,n=,r=rOprNGfwEbeRWgbNEkqO");
-        let server_first = "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
-        let mut rfc = scram::Client::with_nonce("pencil", "rOprNGfwEbeRWgbNEkqO");
-        rfc.set_first_bare("n=user,r=rOprNGfwEbeRWgbNEkqO");
-        assert_eq!(
-            rfc.final_message(server_first).unwrap(),
-            "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
-        );
-        rfc.verify_server("v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
-            .unwrap();
-        assert!(rfc.verify_server("v=AAAA").is_err());
-        assert!(rfc.verify_server("e=invalid-proof").is_err());
-        // A server that does not extend our nonce is refused.
-        assert!(c
-            .final_message("r=someoneelse,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096")
-            .is_err());
-    }
-
-    #[test]
-    fn login_errors_are_classified() {
-        let body = |code: &str| format!("SFATAL\0C{code}\0Mmessage\0\0").into_bytes();
-        assert!(matches!(
-            wire::classify_error(&body("57P03")),
-            wire::LoginError::NotYet(_)
-        ));
-        assert!(matches!(
-            wire::classify_error(&body("53300")),
-            wire::LoginError::NotYet(_)
-        ));
-        for fatal in ["28P01", "28000", "3D000"] {
-            assert!(matches!(
-                wire::classify_error(&body(fatal)),
-                wire::LoginError::Fatal(_)
-            ));
-        }
     }
 
     #[tokio::test]
