@@ -16,5 +16,7 @@ mod instances;
 mod protocol;
 #[path = "routing.rs"]
 mod routing;
+#[path = "runtime_api.rs"]
+mod runtime_api;
 #[path = "tenants.rs"]
 mod tenants;
