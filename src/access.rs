@@ -2,8 +2,6 @@
 //! access map file, then in the running HAProxy through the Runtime API — no reload, effective
 //! for the next connection. Also the file-vs-runtime status report.
 
-use std::collections::BTreeMap;
-
 use anyhow::{anyhow, Context};
 use serde::Serialize;
 use serde_json::Value;
@@ -154,7 +152,7 @@ pub async fn status(agent: &Agent, only: Option<&TenantId>) -> anyhow::Result<St
             ));
         }
     }
-    let map_file = read_map_file(&agent.paths.access_map);
+    let map_file = maps::read_file(&agent.paths.access_map);
     let api = runtime_api(agent);
     let (runtime, haproxy_error): (Option<Entries>, Option<RuntimeError>) =
         match maps::show(&api, &agent.paths.access_map).await {
@@ -193,17 +191,4 @@ pub async fn status(agent: &Agent, only: Option<&TenantId>) -> anyhow::Result<St
         tenants: out,
         unexpected_runtime_entries: unexpected,
     })
-}
-
-/// The entries of a map file (comments and blank lines skipped); empty when unreadable.
-fn read_map_file(path: &std::path::Path) -> Entries {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| {
-            let (k, v) = l.split_once(char::is_whitespace)?;
-            Some((k.to_owned(), v.trim().to_owned()))
-        })
-        .collect::<BTreeMap<_, _>>()
 }

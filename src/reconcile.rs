@@ -72,7 +72,7 @@ pub async fn sync<D: InstanceDriver>(
     let tenants = tenants::load(&agent.paths.tenants_file)?;
     let rendered = render::render(&agent.settings, &agent.paths, &tenants);
     let observed = observe(agent, driver, &tenants).await?;
-    let desired = desired(&tenants, &rendered);
+    let desired = desired(agent, &tenants, &rendered);
     let plan = plan::plan(&desired, &observed);
     let mut report = Report {
         plan: plan.clone(),
@@ -94,21 +94,17 @@ pub async fn sync<D: InstanceDriver>(
     Ok(report)
 }
 
-fn desired<'a>(tenants: &'a Tenants, r: &Rendered) -> Desired<'a> {
+fn desired<'a>(agent: &Agent, tenants: &'a Tenants, r: &Rendered) -> Desired<'a> {
     Desired {
         tenants: Some(tenants),
         config: r.cfg.clone(),
         access: maps::entries(render::access_entries(tenants)),
-        backends: parse_map(&r.backends_map),
+        backends: desired_backends(agent, tenants),
     }
 }
 
-fn parse_map(text: &str) -> Entries {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split_once(' '))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+fn desired_backends(agent: &Agent, tenants: &Tenants) -> Entries {
+    maps::entries(render::backends_entries(tenants, &agent.paths))
 }
 
 /// The marker written after a confirmed reload: the worker's pid, then the config it loaded.
@@ -194,16 +190,21 @@ async fn apply<D: InstanceDriver>(
 
     // 1. Access off first: whatever goes away stops being routable before anything else.
     if !plan.access_off.is_empty() {
-        let access_now = observed.runtime_access.clone().unwrap_or_default();
-        let keep: Entries = access_now
-            .into_iter()
-            .filter(|(k, _)| {
-                !plan
-                    .access_off
-                    .iter()
-                    .any(|s| matches!(s, MapStep::Del { key } if key == k))
-            })
-            .collect();
+        let closing = |k: &String| {
+            plan.access_off
+                .iter()
+                .any(|s| matches!(s, MapStep::Del { key } if key == k))
+        };
+        // The file first, so a HAProxy (re)started from here on cannot open them again.
+        let mut on_file = maps::read_file(&agent.paths.access_map);
+        on_file.retain(|k, _| !closing(k));
+        if let Err(e) = maps::write_file(&agent.paths.access_map, &on_file) {
+            report
+                .errors
+                .push(format!("writing {}: {e}", agent.paths.access_map.display()));
+        }
+        let mut keep = observed.runtime_access.clone().unwrap_or_default();
+        keep.retain(|k, _| !closing(k));
         match maps::apply(&api, &agent.paths.access_map, &plan.access_off, &keep).await {
             Ok(()) => report.done.extend(
                 plan.access_off
@@ -271,7 +272,7 @@ async fn apply<D: InstanceDriver>(
             .push(format!("writing {}: {e}", agent.paths.access_map.display()));
     }
     if observed.haproxy_running && config_ok {
-        let want_backends = parse_map(&rendered.backends_map);
+        let want_backends = desired_backends(agent, tenants);
         match maps::sync(&api, &agent.paths.backends_map, &want_backends).await {
             Ok(steps) => report
                 .done

@@ -28,6 +28,19 @@ pub fn write_file(path: &Path, want: &Entries) -> std::io::Result<bool> {
     fsutil::write_if_changed(path, text.as_bytes(), 0o644)
 }
 
+/// The entries of a map file (comments and blank lines skipped); empty when unreadable.
+pub fn read_file(path: &Path) -> Entries {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.split_once(char::is_whitespace)?;
+            Some((k.to_owned(), v.trim().to_owned()))
+        })
+        .collect()
+}
+
 /// What the running HAProxy holds in `map`.
 pub async fn show(api: &RuntimeApi, map: &Path) -> Result<Entries, RuntimeError> {
     Ok(api.show_map(map).await?.into_iter().collect())
