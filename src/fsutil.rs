@@ -6,9 +6,30 @@ use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+/// How hard a write works to survive a power loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync the file and its directory: for sources of truth (the tenants file, secrets).
+    Synced,
+    /// Rename only, still atomic for every reader: for files derived from a source of truth that
+    /// the next reconcile pass rewrites anyway (map files). Saves two fsyncs on the flip path.
+    Derived,
+}
+
 /// Replaces `path` with `contents` so that readers see either the old or the new file, never a
 /// mix, even across a crash: write a temp file beside it, fsync it, rename over, fsync the dir.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    write_atomic_with(path, contents, mode, Durability::Synced)
+}
+
+/// `write_atomic` with the fsyncs chosen by `durability`.
+pub fn write_atomic_with(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    durability: Durability,
+) -> io::Result<()> {
+    let synced = durability == Durability::Synced;
     let dir = parent_dir(path);
     let name = path
         .file_name()
@@ -28,9 +49,14 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
         // `mode` above is filtered by the umask; secrets must end up exactly as asked.
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(contents)?;
-        file.sync_all()?;
+        if synced {
+            file.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        File::open(&dir)?.sync_all()
+        if synced {
+            File::open(&dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -40,9 +66,19 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
 
 /// Writes `path` only when its contents differ; returns whether it wrote.
 pub fn write_if_changed(path: &Path, contents: &[u8], mode: u32) -> io::Result<bool> {
+    write_if_changed_with(path, contents, mode, Durability::Synced)
+}
+
+/// `write_if_changed` with the fsyncs chosen by `durability`.
+pub fn write_if_changed_with(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    durability: Durability,
+) -> io::Result<bool> {
     match fs::read(path) {
         Ok(old) if old == contents => Ok(false),
-        _ => write_atomic(path, contents, mode).map(|()| true),
+        _ => write_atomic_with(path, contents, mode, durability).map(|()| true),
     }
 }
 

@@ -22,10 +22,11 @@ pub fn entries(pairs: Vec<(String, String)>) -> Entries {
     pairs.into_iter().collect()
 }
 
-/// Writes the map file when it differs; returns whether it wrote.
+/// Writes the map file when it differs; returns whether it wrote. Atomic but not fsynced: the
+/// file is derived from the tenants file, and every pass rewrites it.
 pub fn write_file(path: &Path, want: &Entries) -> std::io::Result<bool> {
     let text = render::map_file(want.iter().map(|(k, v)| (k.clone(), v.clone())));
-    fsutil::write_if_changed(path, text.as_bytes(), 0o644)
+    fsutil::write_if_changed_with(path, text.as_bytes(), 0o644, fsutil::Durability::Derived)
 }
 
 /// The entries of a map file (comments and blank lines skipped); empty when unreadable.
@@ -64,11 +65,14 @@ pub fn diff(current: &Entries, want: &Entries) -> Vec<MapStep> {
     steps
 }
 
-/// Applies `steps` to the running map. Many steps replace the whole map atomically with `want`.
+/// Applies `steps` to the running map, whose entries are `current`: one batch on one
+/// connection (`add map` for new keys, `set map` for existing ones). Many steps replace the whole
+/// map atomically with `want` instead.
 pub async fn apply(
     api: &RuntimeApi,
     map: &Path,
     steps: &[MapStep],
+    current: &Entries,
     want: &Entries,
 ) -> Result<(), RuntimeError> {
     if steps.is_empty() {
@@ -79,17 +83,17 @@ pub async fn apply(
         api.replace_map(map, &pairs).await?;
         return Ok(());
     }
-    for step in steps {
-        match step {
-            MapStep::Del { key } => {
-                api.del_entry(map, key).await?;
+    let commands: Vec<Command> = steps
+        .iter()
+        .map(|step| match step {
+            MapStep::Del { key } => Command::del_map(map, key.as_str()),
+            MapStep::Set { key, value } if current.contains_key(key) => {
+                Command::set_map(map, key.as_str(), value.as_str())
             }
-            MapStep::Set { key, value } => {
-                api.set_entry(map, key, value).await?;
-            }
-        }
-    }
-    Ok(())
+            MapStep::Set { key, value } => Command::add_map(map, key.as_str(), value.as_str()),
+        })
+        .collect();
+    api.batch_all(&commands).await.map(drop)
 }
 
 /// Makes the running map equal `want`; returns what it changed.
@@ -100,7 +104,7 @@ pub async fn sync(
 ) -> Result<Vec<MapStep>, RuntimeError> {
     let current = show(api, map).await?;
     let steps = diff(&current, want);
-    apply(api, map, &steps, want).await?;
+    apply(api, map, &steps, &current, want).await?;
     Ok(steps)
 }
 
