@@ -3,7 +3,8 @@
 //! from cron and the daemon never write at the same time.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context};
 use serde::Serialize;
@@ -14,6 +15,7 @@ use crate::fsutil::{self, FileLock};
 use crate::haproxy::maps::{self, Entries};
 use crate::haproxy::master::MasterCli;
 use crate::haproxy::render::{self, Rendered};
+use crate::haproxy::runtime::Info;
 use crate::instances::{InstanceDriver, ObservedInstance};
 use crate::plan::{self, Desired, InstanceStep, MapStep, Observed, Plan};
 use crate::settings::Agent;
@@ -158,6 +160,9 @@ pub async fn observe<D: InstanceDriver>(
             let pid = info.pid;
             o.config_loaded = match read_loaded_marker(agent) {
                 Some((p, cfg)) if p == pid => Some(cfg),
+                // Written after HAProxy started (`render`, or an agent killed between writing
+                // and reloading): what it runs is unknown, so the plan reloads.
+                _ if written_after_start(&agent.paths.haproxy_cfg, &info) => None,
                 // Started or reloaded by someone else since our last reload: it read the file.
                 _ => o.config_on_disk.clone(),
             };
@@ -170,6 +175,21 @@ pub async fn observe<D: InstanceDriver>(
         Err(e) => return Err(e).context("HAProxy's Runtime API answered strangely"),
     }
     Ok(o)
+}
+
+/// Whether `file` was changed after the running HAProxy (re)started and read it. HAProxy gives
+/// its start in whole seconds (`Start_time_sec`, reset by every reload), so a write within that
+/// second counts as read.
+fn written_after_start(file: &Path, info: &Info) -> bool {
+    let Some(start) = info
+        .get("Start_time_sec")
+        .and_then(|s| s.parse::<u64>().ok())
+    else {
+        return false;
+    };
+    std::fs::metadata(file)
+        .and_then(|m| m.modified())
+        .is_ok_and(|mtime| mtime > UNIX_EPOCH + Duration::from_secs(start + 1))
 }
 
 async fn apply<D: InstanceDriver>(
@@ -205,7 +225,16 @@ async fn apply<D: InstanceDriver>(
         }
         let mut keep = observed.runtime_access.clone().unwrap_or_default();
         keep.retain(|k, _| !closing(k));
-        match maps::apply(&api, &agent.paths.access_map, &plan.access_off, &keep).await {
+        let current = observed.runtime_access.clone().unwrap_or_default();
+        match maps::apply(
+            &api,
+            &agent.paths.access_map,
+            &plan.access_off,
+            &current,
+            &keep,
+        )
+        .await
+        {
             Ok(()) => report.done.extend(
                 plan.access_off
                     .iter()
@@ -261,18 +290,34 @@ async fn apply<D: InstanceDriver>(
     }
 
     // 4. Maps: the files always; the running HAProxy for what a reload did not bring.
+    let want_backends = desired_backends(agent, tenants);
     if !config_ok {
-        // Tenants new in this config are not in the running HAProxy: do not open them.
-        let known = observed.runtime_backends.clone().unwrap_or_default();
+        // Tenants new in this config are not in the running HAProxy, nor in the kept files a
+        // HAProxy not running yet will start from: do not open them.
+        let known = observed
+            .runtime_backends
+            .clone()
+            .unwrap_or_else(|| maps::read_file(&agent.paths.backends_map));
         want_access.retain(|k, _| known.contains_key(k));
     }
-    if let Err(e) = maps::write_file(&agent.paths.access_map, &want_access) {
-        report
-            .errors
-            .push(format!("writing {}: {e}", agent.paths.access_map.display()));
+    // The backends map file goes with the config: a kept config keeps it. Written here too, so
+    // a map file edited on disk is repaired without a config change.
+    let mut files = vec![(&agent.paths.access_map, &want_access)];
+    if config_ok {
+        files.push((&agent.paths.backends_map, &want_backends));
+    }
+    for (path, want) in files {
+        match maps::write_file(path, want) {
+            Ok(true) => report
+                .done
+                .push(format!("map file written: {}", path.display())),
+            Ok(false) => {}
+            Err(e) => report
+                .errors
+                .push(format!("writing {}: {e}", path.display())),
+        }
     }
     if observed.haproxy_running && config_ok {
-        let want_backends = desired_backends(agent, tenants);
         match maps::sync(&api, &agent.paths.backends_map, &want_backends).await {
             Ok(steps) => report
                 .done
