@@ -46,7 +46,14 @@ also echoes every Lua log line to its own stderr as
 "[notice] DDD/HHMMSS (pid) : pgs: refused ..." (only `quiet` stops that, and
 `quiet` also detaches stderr, killing `log stderr`).
 
-Rules: no I/O at request time, no global mutable state, bounded loops
+Counters: every refusal is counted in memory, by reason, and for reason
+`disabled` also by tenant (a tenant in the backends map, so the keys stay
+bounded; unknown names never become keys).  `pgs show refused` on the stats
+socket prints them for the agent's /metrics; they restart at 0 on reload.
+They rely on the shared Lua state of `lua-load` (one lock for all threads).
+
+Rules: no I/O at request time, no global mutable state but the refusal
+counters, bounded loops
 (MAX_MESSAGES reads; the startup parser advances >= 2 bytes per pair).
 A Lua runtime error becomes an XX000 ErrorResponse and closes the connection.
 Beware: in HAProxy 2.6 an *uncaught* Lua error in an action just continues
@@ -133,8 +140,14 @@ local function internal_error(lua_error)
         "error=" .. quote_for_log(tostring(lua_error)))
 end
 
--- Log one line for a refusal (tenant is validated, detail already quoted).
+-- Refusal counts, "<tenant|-> <reason>" -> n (see Counters above).
+local refused = {}
+
+-- Log one line for a refusal (tenant is validated, detail already quoted)
+-- and count it.
 local function log_refusal(txn, r)
+    local key = ((r.reason == "disabled" and r.tenant) or "-") .. " " .. r.reason
+    refused[key] = (refused[key] or 0) + 1
     local line = string.format("pgs: refused tenant=%s reason=%s",
                                r.tenant or "-", r.reason)
     if r.detail then
@@ -348,5 +361,15 @@ local function pgs_refuse(txn, reason)
     return refuse(txn, r)
 end
 
+-- `pgs show refused`: a header line, then "<tenant|-> <reason> <count>" lines.
+local function show_refused(applet)
+    applet:send("# pgs refused: tenant reason count\n")
+    for key, n in pairs(refused) do
+        applet:send(string.format("%s %d\n", key, n))
+    end
+end
+
+core.register_cli({ "pgs", "show", "refused" },
+    "pgs show refused : refused connections by tenant and reason", show_refused)
 core.register_action("pgs_route", { "tcp-req" }, pgs_route, 0)
 core.register_action("pgs_refuse", { "tcp-req" }, pgs_refuse, 1)

@@ -77,7 +77,7 @@ pub enum Command {
     /// Run the agent: reconcile on every change of the tenants file, on Docker events (a tenant
     /// container that dies is started again), on SIGHUP and every --resync seconds. SIGTERM
     /// finishes the current pass and exits. Speaks systemd's notify protocol when NOTIFY_SOCKET
-    /// is set.
+    /// is set. Serves the HTTP API on [api] listen (bearer token in DIR/secrets/api-token).
     Run {
         /// Seconds between full passes that repair drift no event announced.
         #[arg(long, default_value_t = 30, value_name = "SECONDS")]

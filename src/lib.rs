@@ -6,8 +6,10 @@
 //! - `cli`       — clap definitions only.
 //! - `commands`  — what each CLI command does, in terms of the modules below.
 //! - `daemon`    — `run`: pokes, periodic resync, coalescing, systemd notify.
+//! - `api`       — the HTTP API `run` serves: tenants, access, health, metrics (hyper).
 //! - `settings`  — agent settings (`pgs.toml`) and `Paths`, where every file path comes from.
 //! - `layout`    — `init`: a new self-contained layout.
+//! - `tenant_ops` — tenant add/remove in the file and the user-facing view (CLI and API).
 //! - `tenants`   — the tenants file: raw JSON → validated `Tenants`, `TenantId`, locked writer.
 //! - `pglogin`   — a minimal PostgreSQL login (SCRAM) that proves a server is ready.
 //! - `plan`      — the pure planner: (desired, observed) → `Plan`.
@@ -18,6 +20,7 @@
 //! - `fsutil`    — atomic writes and file locks.
 
 pub mod access;
+pub mod api;
 pub mod cli;
 pub mod commands;
 pub mod daemon;
@@ -29,4 +32,5 @@ pub mod pglogin;
 pub mod plan;
 pub mod reconcile;
 pub mod settings;
+pub mod tenant_ops;
 pub mod tenants;

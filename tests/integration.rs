@@ -6,8 +6,12 @@ mod support;
 
 #[path = "access.rs"]
 mod access;
+#[path = "api.rs"]
+mod api;
 #[path = "cli.rs"]
 mod cli;
+#[path = "daemon.rs"]
+mod daemon;
 #[path = "golden_check.rs"]
 mod golden_check;
 #[path = "instances.rs"]

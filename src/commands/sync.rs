@@ -158,6 +158,12 @@ pub async fn run(agent: &Agent, resync: u64) -> anyhow::Result<ExitCode> {
     if d.is_none() {
         warn!("no Docker engine: managed tenants cannot be served until one answers");
     }
-    daemon::run(agent, d.as_ref(), rx, shutdown, timing, |_| {}).await;
+    // Bound before the first pass, so a taken address fails here; served beside the loop.
+    let api = crate::api::start(agent, d.clone(), tx.clone()).await?;
+    daemon::run(agent, d.as_ref(), rx, shutdown, timing, |pass| {
+        api.on_pass(pass)
+    })
+    .await;
+    api.stop().await;
     Ok(ExitCode::SUCCESS)
 }

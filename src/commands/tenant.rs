@@ -4,17 +4,16 @@
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context};
-use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use super::sync::{driver, print_report};
-use crate::access;
 use crate::cli::{CreateArgs, TenantCommand};
 use crate::instances::docker::DockerDriver;
-use crate::instances::{InstanceDriver, ObservedInstance};
+use crate::instances::InstanceDriver;
 use crate::reconcile::{self, Report, SyncOptions};
 use crate::settings::Agent;
-use crate::tenants::{self, Access, Instance, Tenant, TenantId, TenantsFileEdit};
+use crate::tenant_ops::{self, server_state, views, EditError};
+use crate::tenants::{self, Access, Instance, TenantId, TenantsFileEdit};
 
 pub async fn run(agent: &Agent, cmd: TenantCommand) -> anyhow::Result<ExitCode> {
     match cmd {
@@ -62,27 +61,19 @@ async fn create(agent: &Agent, args: CreateArgs) -> anyhow::Result<ExitCode> {
              `docker/build-image.sh` (no registry needed) or pass --image"
         );
     }
-    {
-        let mut edit = TenantsFileEdit::open(&agent.paths.tenants_file)?;
-        let all = edit
-            .tenants_mut()
-            .ok_or_else(|| anyhow!("the tenants file has no \"tenants\" object"))?;
-        if all.contains_key(id.as_str()) {
-            bail!(
-                "tenant \"{id}\" already exists; `pgs-agent tenant show {id}` describes it, \
-                 `pgs-agent tenant delete {id}` removes it"
-            );
-        }
-        let access = if args.enable {
-            Access::Enabled
-        } else {
-            Access::Disabled
-        };
-        all.insert(
-            id.to_string(),
-            json!({"access": access.as_str(), "managed": Value::Object(managed)}),
-        );
-        edit.commit()?;
+    let access = if args.enable {
+        Access::Enabled
+    } else {
+        Access::Disabled
+    };
+    let entry = json!({"access": access.as_str(), "managed": Value::Object(managed)});
+    match tenant_ops::add(&agent.paths.tenants_file, &id, entry) {
+        Ok(_) => {}
+        Err(EditError::Exists(_)) => bail!(
+            "tenant \"{id}\" already exists; `pgs-agent tenant show {id}` describes it, \
+             `pgs-agent tenant delete {id}` removes it"
+        ),
+        Err(e) => return Err(e.into()),
     }
     eprintln!(
         "{id}: added to {}; provisioning",
@@ -111,15 +102,7 @@ fn failed_for(report: &Report, id: &TenantId) -> bool {
 }
 
 async fn delete(agent: &Agent, id: &TenantId, purge: bool) -> anyhow::Result<ExitCode> {
-    let was = {
-        let mut edit = TenantsFileEdit::open(&agent.paths.tenants_file)?;
-        let was = edit.tenants()?.get(id).cloned();
-        if was.is_some() {
-            edit.tenants_mut().map(|t| t.remove(id.as_str()));
-            edit.commit()?;
-        }
-        was
-    };
+    let was = tenant_ops::remove(&agent.paths.tenants_file, id)?;
     if was.is_none() && !purge {
         bail!(
             "no tenant \"{id}\" in {}",
@@ -189,75 +172,8 @@ async fn set_stopped(agent: &Agent, id: &TenantId, stopped: bool) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
-/// One tenant as `list` and `show` report it. No secrets.
-#[derive(Debug, Serialize)]
-struct View {
-    id: TenantId,
-    kind: &'static str,
-    access: Access,
-    stopped: bool,
-    /// The address HAProxy dials.
-    address: Option<String>,
-    spec: Option<tenants::ManagedSpec>,
-    /// Container and volume as Docker reports them (managed tenants).
-    server: Option<ObservedInstance>,
-    /// Access in the running HAProxy (None when it is not running).
-    haproxy_access: Option<Access>,
-}
-
-async fn views(agent: &Agent) -> anyhow::Result<Vec<View>> {
-    let tenants = tenants::load(&agent.paths.tenants_file)?;
-    let observed = match DockerDriver::connect(&agent.settings.docker, &agent.paths).await {
-        Ok(d) => d.observe().await.ok(),
-        Err(_) => None,
-    };
-    let status = access::status(agent, None).await?;
-    Ok(tenants
-        .iter()
-        .map(|t: &Tenant| View {
-            id: t.id.clone(),
-            kind: match t.instance {
-                Instance::External { .. } => "external",
-                Instance::Managed(_) => "managed",
-            },
-            access: t.access,
-            stopped: t.stopped,
-            address: crate::haproxy::render::server_address(t, &agent.paths),
-            spec: match &t.instance {
-                Instance::Managed(s) => Some(s.clone()),
-                Instance::External { .. } => None,
-            },
-            server: observed
-                .as_ref()
-                .and_then(|o| o.iter().find(|i| i.tenant == t.id).cloned()),
-            haproxy_access: status
-                .tenants
-                .iter()
-                .find(|s| s.tenant == t.id)
-                .and_then(|s| s.runtime),
-        })
-        .collect())
-}
-
-fn server_state(v: &View) -> String {
-    match (&v.server, v.kind) {
-        (_, "external") => "-".into(),
-        (Some(ObservedInstance { state: Some(s), .. }), _) => serde_json::to_value(s)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default(),
-        (
-            Some(ObservedInstance {
-                volume: Some(_), ..
-            }),
-            _,
-        ) => "no container".into(),
-        _ => "absent".into(),
-    }
-}
-
 async fn list(agent: &Agent, json: bool) -> anyhow::Result<ExitCode> {
-    let views = views(agent).await?;
+    let views = views(agent, require_docker(agent).await.ok().as_ref()).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(ExitCode::SUCCESS);
@@ -283,7 +199,7 @@ async fn list(agent: &Agent, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 async fn show(agent: &Agent, id: &TenantId, json: bool) -> anyhow::Result<ExitCode> {
-    let v = views(agent)
+    let v = views(agent, require_docker(agent).await.ok().as_ref())
         .await?
         .into_iter()
         .find(|v| v.id == *id)

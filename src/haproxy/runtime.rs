@@ -285,6 +285,9 @@ pub enum Command {
     ShowServersStateOf { backend: String },
     /// `shutdown sessions server <backend>/<server>` (needs `level admin`).
     ShutdownSessionsServer { backend: String, server: String },
+    /// `pgs show refused`: the refusal counters pg-route.lua registers on the stats socket
+    /// (not a HAProxy built-in; an older Lua answers "Unknown command").
+    ShowPgsRefused,
 }
 
 /// The shape of a successful reply, by command.
@@ -296,6 +299,7 @@ enum Expect {
     Info,
     Stat,
     ServersState,
+    PgsRefused,
 }
 
 impl Command {
@@ -406,6 +410,7 @@ impl Command {
                 check_name("backend", backend)?,
                 check_name("server", server)?
             ),
+            Command::ShowPgsRefused => "pgs show refused".to_string(),
         })
     }
 
@@ -416,6 +421,7 @@ impl Command {
             Command::ShowInfo => Expect::Info,
             Command::ShowStat => Expect::Stat,
             Command::ShowServersState | Command::ShowServersStateOf { .. } => Expect::ServersState,
+            Command::ShowPgsRefused => Expect::PgsRefused,
             Command::AddMap { .. }
             | Command::SetMap { .. }
             | Command::DelMap { .. }
@@ -505,6 +511,7 @@ fn check_reply(cmd: &Command, rendered: &str, body: String) -> Result<String, Ru
         Expect::MapEntries => body.lines().all(|l| l.starts_with("0x")),
         Expect::Info => body.starts_with("Name: "),
         Expect::Stat => body.starts_with("# pxname,"),
+        Expect::PgsRefused => body.starts_with("# pgs refused"),
         Expect::ServersState => body
             .lines()
             .next()

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test module uses a different part of the kit
 
+pub mod agent;
 pub mod docker;
 pub mod pg;
 pub mod proxy;
@@ -172,28 +173,34 @@ pub fn psql(conninfo: &str, password: &str, sql: &str) -> (bool, String, String)
     )
 }
 
-/// A pgs layout made by `pgs-agent init`, with its listen port.
+/// A pgs layout made by `pgs-agent init`, with its listen port and its HTTP API port (its own,
+/// so daemons of parallel tests never fight over the default API address).
 pub struct Layout {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub port: u16,
+    pub api_port: u16,
 }
 
 impl Layout {
     pub fn init() -> Layout {
         let dir = temp_dir();
         let port = free_port();
+        let api_port = free_port();
         let root = dir.path().join("pgs");
         let out = agent(&[
             "init",
             root.to_str().unwrap(),
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--api-listen",
+            &format!("127.0.0.1:{api_port}"),
         ]);
         assert!(out.status.success(), "init: {out:?}");
         Layout {
             config: root.join("pgs.toml"),
             port,
+            api_port,
             dir,
         }
     }

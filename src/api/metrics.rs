@@ -1,0 +1,424 @@
+//! Prometheus metrics (prometheus-client encodes them; nothing here writes the format by
+//! hand): the agent's own counters, updated as passes and flips happen, and per-tenant state
+//! read at scrape time from the tenants file, Docker and HAProxy's `show stat`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+use super::passes::{Outcome, PassRecord};
+use crate::haproxy::runtime::StatRow;
+use crate::instances::RunState;
+use crate::tenant_ops::View;
+use crate::tenants::Access;
+
+/// Label sets: a few fixed keys with owned values.
+type Labels = Vec<(&'static str, String)>;
+
+fn labels(pairs: &[(&'static str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+}
+
+/// The agent's metrics that live as long as the process.
+#[derive(Debug, Clone)]
+pub struct AgentMetrics {
+    passes: Family<Labels, Counter>,
+    pass_duration: Histogram,
+    errors: Family<Labels, Counter>,
+    reloads: Counter,
+    flips: Family<Labels, Counter>,
+    last_success: Gauge<f64, AtomicU64>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        AgentMetrics {
+            passes: Family::default(),
+            // 10 ms .. 82 s: a no-op pass, up to one that waits for a new server.
+            pass_duration: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
+            errors: Family::default(),
+            reloads: Counter::default(),
+            flips: Family::default(),
+            last_success: Gauge::default(),
+        }
+    }
+}
+
+impl AgentMetrics {
+    pub fn record_pass(&self, p: &PassRecord) {
+        match &p.outcome {
+            Outcome::Done {
+                errors,
+                reloaded,
+                duration,
+                ..
+            } => {
+                let result = if errors.is_empty() { "ok" } else { "problems" };
+                self.passes
+                    .get_or_create(&labels(&[("result", result)]))
+                    .inc();
+                self.pass_duration.observe(duration.as_secs_f64());
+                for e in errors {
+                    self.errors
+                        .get_or_create(&labels(&[("kind", error_kind(e))]))
+                        .inc();
+                }
+                if *reloaded {
+                    self.reloads.inc();
+                }
+                if errors.is_empty() {
+                    self.last_success.set(p.finished_unix);
+                }
+            }
+            Outcome::Failed(_) => {
+                self.passes
+                    .get_or_create(&labels(&[("result", "failed")]))
+                    .inc();
+                self.errors
+                    .get_or_create(&labels(&[("kind", "pass_failed")]))
+                    .inc();
+            }
+        }
+    }
+
+    /// An access flip made through the API that changed the tenants file.
+    pub fn record_flip(&self, to: Access) {
+        self.flips
+            .get_or_create(&labels(&[("to", to.as_str())]))
+            .inc();
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "reconcile_passes",
+            "Reconcile passes, by result: ok, problems (ran, some steps failed), failed (did not run)",
+            self.passes.clone(),
+        );
+        r.register_with_unit(
+            "reconcile_duration",
+            "Duration of reconcile passes that ran",
+            Unit::Seconds,
+            self.pass_duration.clone(),
+        );
+        r.register(
+            "reconcile_errors",
+            "Problems reported by reconcile passes, by kind: instance, config, reload, maps, pass_failed, other",
+            self.errors.clone(),
+        );
+        r.register(
+            "haproxy_reloads",
+            "HAProxy reloads done by the agent",
+            self.reloads.clone(),
+        );
+        r.register(
+            "access_flips",
+            "Access flips through the API that changed the tenants file, by new state",
+            self.flips.clone(),
+        );
+        r.register_with_unit(
+            "last_successful_sync_timestamp",
+            "Unix time at which the last pass without problems finished (0: none yet)",
+            Unit::Seconds,
+            self.last_success.clone(),
+        );
+    }
+}
+
+/// The kind of one problem line of a pass, for `pgs_reconcile_errors_total{kind}`. Matches the
+/// wording `reconcile::apply` uses; a line it does not know counts as `other`.
+pub fn error_kind(line: &str) -> &'static str {
+    if line.starts_with("HAProxy reload failed") {
+        "reload"
+    } else if line.contains("the running configuration was kept")
+        || line.starts_with("writing HAProxy's files")
+    {
+        "config"
+    } else if line.starts_with("cannot lock the maps")
+        || line.starts_with("closing access")
+        || line.starts_with("access map")
+        || line.starts_with("backends map")
+        || line.starts_with("writing ")
+    {
+        "maps"
+    } else if line.starts_with("tenant ") {
+        "instance"
+    } else {
+        "other"
+    }
+}
+
+/// What a scrape read from the world, per tenant.
+#[derive(Debug, Default)]
+pub struct Sample {
+    pub tenants: Vec<View>,
+    /// `show stat`; `None` when HAProxy did not answer.
+    pub stats: Option<Vec<StatRow>>,
+    /// (tenant or "-", reason) → count from `pgs show refused`; `None` when unavailable.
+    pub refused: Option<BTreeMap<(String, String), u64>>,
+    pub haproxy_up: bool,
+    pub docker_up: Option<bool>,
+}
+
+/// Parses the reply of `pgs show refused` (lines `<tenant|-> <reason> <count>`).
+pub fn parse_refused(body: &str) -> BTreeMap<(String, String), u64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (t, r, n) = (f.next()?, f.next()?, f.next()?.parse().ok()?);
+            Some(((t.to_owned(), r.to_owned()), n))
+        })
+        .collect()
+}
+
+/// The whole exposition: agent metrics plus `sample`, in the OpenMetrics text format.
+pub fn render(agent: &AgentMetrics, sample: &Sample) -> Result<String, std::fmt::Error> {
+    let mut r = Registry::with_prefix("pgs");
+    agent.register(&mut r);
+
+    let up = |b: bool| {
+        let g: Gauge = Gauge::default();
+        g.set(b as i64);
+        g
+    };
+    r.register(
+        "haproxy_up",
+        "Whether HAProxy's Runtime API answered this scrape",
+        up(sample.haproxy_up),
+    );
+    if let Some(d) = sample.docker_up {
+        r.register(
+            "docker_up",
+            "Whether the Docker engine answered this scrape",
+            up(d),
+        );
+    }
+
+    let access: Family<Labels, Gauge> = Family::default();
+    let server: Family<Labels, Gauge> = Family::default();
+    for t in &sample.tenants {
+        let id = t.id.as_str();
+        let on = |a: Access| (a == Access::Enabled) as i64;
+        access
+            .get_or_create(&labels(&[("tenant", id), ("source", "file")]))
+            .set(on(t.access));
+        if let Some(a) = t.haproxy_access {
+            access
+                .get_or_create(&labels(&[("tenant", id), ("source", "haproxy")]))
+                .set(on(a));
+        }
+        if t.kind == "managed" && sample.docker_up != Some(false) {
+            let now = match t.server.as_ref().and_then(|s| s.state) {
+                Some(RunState::Running) => "running",
+                Some(RunState::Stopped) => "stopped",
+                Some(RunState::Unhealthy) => "unhealthy",
+                None => "absent",
+            };
+            for state in ["running", "stopped", "unhealthy", "absent"] {
+                server
+                    .get_or_create(&labels(&[("tenant", id), ("state", state)]))
+                    .set((state == now) as i64);
+            }
+        }
+    }
+    r.register(
+        "tenant_access_enabled",
+        "1 when the tenant's access is enabled, as the tenants file (source=file) or the running HAProxy (source=haproxy) says",
+        access,
+    );
+    r.register(
+        "tenant_server_state",
+        "1 for the current state of a managed tenant's container: running, stopped, unhealthy or absent",
+        server,
+    );
+
+    if let Some(stats) = &sample.stats {
+        let current: Family<Labels, Gauge> = Family::default();
+        let total: Family<Labels, Counter> = Family::default();
+        let bytes_in: Family<Labels, Counter> = Family::default();
+        let bytes_out: Family<Labels, Counter> = Family::default();
+        for t in &sample.tenants {
+            let backend = t.id.backend_name();
+            let Some(row) = stats
+                .iter()
+                .find(|r| r.pxname() == backend && r.svname() == "BACKEND")
+            else {
+                continue;
+            };
+            let l = labels(&[("tenant", t.id.as_str())]);
+            current
+                .get_or_create(&l)
+                .set(row.scur().unwrap_or(0) as i64);
+            total.get_or_create(&l).inc_by(row.stot().unwrap_or(0));
+            bytes_in.get_or_create(&l).inc_by(row.bin().unwrap_or(0));
+            bytes_out.get_or_create(&l).inc_by(row.bout().unwrap_or(0));
+        }
+        r.register(
+            "tenant_current_sessions",
+            "Sessions open now through HAProxy to the tenant's server (show stat scur)",
+            current,
+        );
+        r.register(
+            "tenant_sessions",
+            "Sessions routed to the tenant since HAProxy's last reload (show stat stot)",
+            total,
+        );
+        r.register_with_unit(
+            "tenant_received",
+            "Bytes received from the tenant's clients since HAProxy's last reload (show stat bin)",
+            Unit::Bytes,
+            bytes_in,
+        );
+        r.register_with_unit(
+            "tenant_sent",
+            "Bytes sent to the tenant's clients since HAProxy's last reload (show stat bout)",
+            Unit::Bytes,
+            bytes_out,
+        );
+    }
+
+    if let Some(refused) = &sample.refused {
+        let per_tenant: Family<Labels, Counter> = Family::default();
+        let all: Family<Labels, Counter> = Family::default();
+        for t in &sample.tenants {
+            // Present (at 0) for every tenant, so a rate() has a series before the first refusal.
+            per_tenant
+                .get_or_create(&labels(&[
+                    ("tenant", t.id.as_str()),
+                    ("reason", "disabled"),
+                ]))
+                .inc_by(0);
+        }
+        for ((tenant, reason), n) in refused {
+            if tenant != "-" {
+                per_tenant
+                    .get_or_create(&labels(&[("tenant", tenant), ("reason", reason)]))
+                    .inc_by(*n);
+            }
+            all.get_or_create(&labels(&[("reason", reason)])).inc_by(*n);
+        }
+        r.register(
+            "tenant_refused_connections",
+            "Connections HAProxy refused for a known tenant because its access is disabled, since HAProxy's last reload",
+            per_tenant,
+        );
+        r.register(
+            "refused_connections",
+            "Connections HAProxy refused, by reason (unknown, disabled, invalid_user, ...), since its last reload",
+            all,
+        );
+    }
+
+    let mut out = String::new();
+    encode(&mut out, &r)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::passes::PassLog;
+    use crate::reconcile::Report;
+    use crate::tenants::TenantId;
+
+    fn view(id: &str, access: Access) -> View {
+        View {
+            id: TenantId::parse(id).unwrap(),
+            kind: "managed",
+            access,
+            stopped: false,
+            address: None,
+            spec: None,
+            server: None,
+            haproxy_access: Some(access),
+        }
+    }
+
+    #[test]
+    fn problem_lines_are_sorted_into_kinds() {
+        for (line, kind) in [
+            (
+                "HAProxy reload failed, previous files restored: x",
+                "reload",
+            ),
+            (
+                "HAProxy rejected the configuration: x; the running configuration was kept",
+                "config",
+            ),
+            ("closing access: boom", "maps"),
+            ("access map: boom", "maps"),
+            (
+                "tenant acme: PostgreSQL did not accept logins within 60s",
+                "instance",
+            ),
+            ("something new", "other"),
+        ] {
+            assert_eq!(error_kind(line), kind, "{line}");
+        }
+    }
+
+    #[test]
+    fn the_exposition_has_agent_and_tenant_metrics() {
+        let agent = AgentMetrics::default();
+        let log = PassLog::new();
+        agent.record_pass(&log.publish(&Ok(Report {
+            duration_ms: 120,
+            reloaded: true,
+            ..Report::default()
+        })));
+        agent.record_pass(&log.publish(&Ok(Report {
+            errors: vec!["tenant acme: PostgreSQL did not accept logins".into()],
+            ..Report::default()
+        })));
+        agent.record_flip(Access::Enabled);
+        let stats = StatRow::parse_all(
+            "# pxname,svname,scur,stot,bin,bout,\npgs_acme,BACKEND,2,7,1000,2000,\n",
+        )
+        .unwrap();
+        let sample = Sample {
+            tenants: vec![
+                view("acme", Access::Enabled),
+                view("globex", Access::Disabled),
+            ],
+            stats: Some(stats),
+            refused: Some(parse_refused(
+                "# pgs refused: tenant reason count\nglobex disabled 3\n- unknown 5\n",
+            )),
+            haproxy_up: true,
+            docker_up: Some(true),
+        };
+        let text = render(&agent, &sample).unwrap();
+        for line in [
+            "pgs_reconcile_passes_total{result=\"ok\"} 1",
+            "pgs_reconcile_passes_total{result=\"problems\"} 1",
+            "pgs_reconcile_errors_total{kind=\"instance\"} 1",
+            "pgs_haproxy_reloads_total 1",
+            "pgs_access_flips_total{to=\"enabled\"} 1",
+            "pgs_reconcile_duration_seconds_count 2",
+            "pgs_tenant_access_enabled{tenant=\"acme\",source=\"file\"} 1",
+            "pgs_tenant_access_enabled{tenant=\"globex\",source=\"haproxy\"} 0",
+            "pgs_tenant_server_state{tenant=\"acme\",state=\"absent\"} 1",
+            "pgs_tenant_current_sessions{tenant=\"acme\"} 2",
+            "pgs_tenant_sessions_total{tenant=\"acme\"} 7",
+            "pgs_tenant_received_bytes_total{tenant=\"acme\"} 1000",
+            "pgs_tenant_sent_bytes_total{tenant=\"acme\"} 2000",
+            "pgs_tenant_refused_connections_total{tenant=\"globex\",reason=\"disabled\"} 3",
+            "pgs_tenant_refused_connections_total{tenant=\"acme\",reason=\"disabled\"} 0",
+            "pgs_refused_connections_total{reason=\"unknown\"} 5",
+            "pgs_haproxy_up 1",
+            "# EOF",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        assert!(
+            text.contains("pgs_last_successful_sync_timestamp_seconds "),
+            "{text}"
+        );
+    }
+}
