@@ -273,9 +273,23 @@ impl Settings {
 }
 
 /// Accepts what HAProxy's time parser accepts for our uses: digits and an optional unit.
+/// HAProxy keeps timers in signed 32-bit milliseconds (about 24.8 days).
 pub fn is_haproxy_duration(s: &str) -> bool {
     let digits = s.chars().take_while(|c| c.is_ascii_digit()).count();
-    digits > 0 && matches!(&s[digits..], "" | "us" | "ms" | "s" | "m" | "h" | "d")
+    let ms_per_unit: u64 = match &s[digits..] {
+        "us" => 0,
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return false,
+    };
+    let Ok(n) = s[..digits].parse::<u64>() else {
+        return false;
+    };
+    n.checked_mul(ms_per_unit.max(1))
+        .is_some_and(|ms| ms <= i32::MAX as u64)
 }
 
 /// Every path the agent touches, absolute, derived from the settings in one place.
@@ -456,7 +470,7 @@ mod tests {
         for ok in ["5s", "500ms", "1h", "30", "2d"] {
             assert!(is_haproxy_duration(ok), "{ok}");
         }
-        for bad in ["", "s", "5 s", "5x", "-1s"] {
+        for bad in ["", "s", "5 s", "5x", "-1s", "30d", "99999999999s"] {
             assert!(!is_haproxy_duration(bad), "{bad}");
         }
     }

@@ -510,7 +510,7 @@ impl Validator {
         let mut spec = ManagedSpec::default();
         if let Some(v) = obj.get("image") {
             match v.as_str() {
-                Some(s) if valid_image(s) => spec.image = Some(s.to_owned()),
+                Some(s) if is_image_reference(s) => spec.image = Some(s.to_owned()),
                 _ => self.problem(
                     &join(place, "image"),
                     format!("expected an image reference like \"pgs/postgres:15\", found {v}"),
@@ -609,11 +609,93 @@ impl Validator {
     }
 }
 
-fn valid_image(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 255
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "./:_-@".contains(c))
+/// Whether Docker would parse `s` as an image reference: `[host[:port]/]path[:tag][@digest]`,
+/// path components lowercase (the grammar of distribution/reference). Docker answers 400, not
+/// 404, for anything else, which must be the client's 422 rather than our 503.
+pub fn is_image_reference(s: &str) -> bool {
+    let (rest, digest) = match s.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (s, None),
+    };
+    if let Some(d) = digest {
+        let Some((alg, hex)) = d.split_once(':') else {
+            return false;
+        };
+        let alg_ok = !alg.is_empty()
+            && alg
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+._-".contains(c));
+        if !alg_ok || hex.len() < 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return false;
+        }
+    }
+    let (name, tag) = match rest.rfind(':') {
+        Some(i) if !rest[i..].contains('/') => (&rest[..i], Some(&rest[i + 1..])),
+        _ => (rest, None),
+    };
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    if let Some(t) = tag {
+        let ok = !t.is_empty()
+            && t.len() <= 128
+            && t.starts_with(word)
+            && t.chars().all(|c| word(c) || c == '.' || c == '-');
+        if !ok {
+            return false;
+        }
+    }
+    if name.is_empty() || name.len() > 255 {
+        return false;
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    if parts.len() > 1 {
+        let first = parts[0];
+        if first.contains(['.', ':'])
+            || first == "localhost"
+            || first.chars().any(|c| c.is_ascii_uppercase())
+        {
+            let (host, port) = first.split_once(':').unwrap_or((first, ""));
+            let label_ok = |l: &str| {
+                !l.is_empty()
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            };
+            let port_ok = port.is_empty() && !first.contains(':')
+                || !port.is_empty() && port.chars().all(|c| c.is_ascii_digit());
+            if !host.split('.').all(label_ok) || !port_ok {
+                return false;
+            }
+            parts.remove(0);
+        }
+    }
+    parts.iter().all(|p| path_component_ok(p))
+}
+
+/// `[a-z0-9]+` runs joined by `.`, `_`, `__` or dashes.
+fn path_component_ok(p: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    if !p.starts_with(alnum) || !p.ends_with(alnum) {
+        return false;
+    }
+    let mut sep = String::new();
+    for c in p.chars() {
+        if alnum(c) {
+            let ok = sep.is_empty()
+                || sep == "."
+                || sep == "_"
+                || sep == "__"
+                || sep.chars().all(|c| c == '-');
+            if !ok {
+                return false;
+            }
+            sep.clear();
+        } else if ".-_".contains(c) {
+            sep.push(c);
+        } else {
+            return false;
+        }
+    }
+    true
 }
 
 /// Parses a size like `256m`, `1g`, `512MiB` or a plain byte count.
@@ -886,6 +968,29 @@ mod tests {
             "settings": {"Bad-Name": "1", "ok": [1]}, "init_scripts": ["x.txt"]
         }}}}));
         assert_eq!(got.len(), 6, "{got:#?}");
+    }
+
+    #[test]
+    fn image_references_are_what_docker_accepts() {
+        for ok in [
+            "pgs/postgres:15",
+            "postgres",
+            "registry:5000/pg/postgres:17-alpine",
+            "a/b@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(is_image_reference(ok), "{ok}");
+        }
+        for bad in [
+            "yC",
+            "Pgs/postgres:15",
+            "pgs/postgres:",
+            "-x",
+            "pgs//",
+            "a b",
+            "",
+        ] {
+            assert!(!is_image_reference(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -131,7 +131,7 @@ pub fn create(body: &Value, host: HostLimits) -> Result<CreateRequest, Vec<Field
         }
     }
     if let Some(image) = managed.get("image").and_then(Value::as_str) {
-        if !image.is_empty() && !docker_reference_ok(image) {
+        if !image.is_empty() && !crate::tenants::is_image_reference(image) {
             problems.push(problem(
                 "managed.image",
                 format!("{image:?} is not a Docker image reference (lowercase repository, e.g. \"pgs/postgres:15\")"),
@@ -174,95 +174,6 @@ pub fn create(body: &Value, host: HostLimits) -> Result<CreateRequest, Vec<Field
         }),
         _ => Err(problems),
     }
-}
-
-/// Whether Docker would parse `s` as an image reference: `[host[:port]/]path[:tag][@digest]`,
-/// path components lowercase (the grammar of distribution/reference). Docker answers 400, not
-/// 404, for anything else, which must be the client's 422 rather than our 503.
-pub fn docker_reference_ok(s: &str) -> bool {
-    let (rest, digest) = match s.split_once('@') {
-        Some((r, d)) => (r, Some(d)),
-        None => (s, None),
-    };
-    if let Some(d) = digest {
-        let Some((alg, hex)) = d.split_once(':') else {
-            return false;
-        };
-        let alg_ok = !alg.is_empty()
-            && alg
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+._-".contains(c));
-        if !alg_ok || hex.len() < 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-            return false;
-        }
-    }
-    let (name, tag) = match rest.rfind(':') {
-        Some(i) if !rest[i..].contains('/') => (&rest[..i], Some(&rest[i + 1..])),
-        _ => (rest, None),
-    };
-    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    if let Some(t) = tag {
-        let ok = !t.is_empty()
-            && t.len() <= 128
-            && t.starts_with(word)
-            && t.chars().all(|c| word(c) || c == '.' || c == '-');
-        if !ok {
-            return false;
-        }
-    }
-    if name.is_empty() || name.len() > 255 {
-        return false;
-    }
-    let mut parts: Vec<&str> = name.split('/').collect();
-    if parts.len() > 1 {
-        let first = parts[0];
-        if first.contains(['.', ':'])
-            || first == "localhost"
-            || first.chars().any(|c| c.is_ascii_uppercase())
-        {
-            let (host, port) = first.split_once(':').unwrap_or((first, ""));
-            let label_ok = |l: &str| {
-                !l.is_empty()
-                    && !l.starts_with('-')
-                    && !l.ends_with('-')
-                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            };
-            let port_ok = port.is_empty() && !first.contains(':')
-                || !port.is_empty() && port.chars().all(|c| c.is_ascii_digit());
-            if !host.split('.').all(label_ok) || !port_ok {
-                return false;
-            }
-            parts.remove(0);
-        }
-    }
-    parts.iter().all(|p| path_component_ok(p))
-}
-
-/// `[a-z0-9]+` runs joined by `.`, `_`, `__` or dashes.
-fn path_component_ok(p: &str) -> bool {
-    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
-    if !p.starts_with(alnum) || !p.ends_with(alnum) {
-        return false;
-    }
-    let mut sep = String::new();
-    for c in p.chars() {
-        if alnum(c) {
-            let ok = sep.is_empty()
-                || sep == "."
-                || sep == "_"
-                || sep == "__"
-                || sep.chars().all(|c| c == '-');
-            if !ok {
-                return false;
-            }
-            sep.clear();
-        } else if ".-_".contains(c) {
-            sep.push(c);
-        } else {
-            return false;
-        }
-    }
-    true
 }
 
 /// A validated `PUT /v1/tenants/{id}/access` body.
@@ -411,7 +322,7 @@ mod tests {
             "Registry.Example.com/team/pg:Latest_1",
             "pg@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
         ] {
-            assert!(docker_reference_ok(ok), "{ok}");
+            assert!(crate::tenants::is_image_reference(ok), "{ok}");
         }
         // "yC": schemathesis found Docker answering 400 for it, which became a 503.
         for bad in [
@@ -427,7 +338,7 @@ mod tests {
             "pg@sha256:12",
             ":tag",
         ] {
-            assert!(!docker_reference_ok(bad), "{bad}");
+            assert!(!crate::tenants::is_image_reference(bad), "{bad}");
         }
     }
 
