@@ -982,7 +982,7 @@ mod tests {
         }
         for bad in [
             "yC",
-            "Pgs/postgres:15",
+            "pgs/Postgres:15",
             "pgs/postgres:",
             "-x",
             "pgs//",
