@@ -130,17 +130,8 @@ impl World {
         }
         let docker = DockerEnv::new()?;
         let layout = Layout::init();
-        let settings = std::fs::read_to_string(&layout.config).unwrap();
-        std::fs::write(
-            &layout.config,
-            settings
-                .replace(
-                    "prefix = \"pgs\"",
-                    &format!("prefix = \"{}\"", docker.prefix),
-                )
-                .replace("max_body_bytes = 65536", "max_body_bytes = 4096"),
-        )
-        .unwrap();
+        layout.use_docker_prefix(&docker.prefix);
+        layout.edit_settings(|s| s.replace("max_body_bytes = 65536", "max_body_bytes = 4096"));
         layout.render();
         let haproxy = layout.start_haproxy();
         let agent = AgentProcess::start(&layout.config, 600, &layout.dir.path().join("agent.log"));

@@ -84,14 +84,6 @@ fn externals(socket: &Path, tenants: &[(&str, &str)]) -> serde_json::Value {
     json!({"version": 1, "tenants": tenants})
 }
 
-/// Points the layout's `[docker] prefix` at the test's own installation.
-fn use_docker_prefix(layout: &Layout, prefix: &str) {
-    let settings = std::fs::read_to_string(&layout.config).unwrap();
-    let patched = settings.replace("prefix = \"pgs\"", &format!("prefix = \"{prefix}\""));
-    assert_ne!(settings, patched, "no docker prefix in {settings}");
-    std::fs::write(&layout.config, patched).unwrap();
-}
-
 /// The second the running HAProxy worker (re)started, from `show info`.
 fn haproxy_start_time(h: &Haproxy) -> u64 {
     h.admin("show info")
@@ -121,7 +113,7 @@ fn managed_tenants_follow_file_edits_docker_deaths_and_a_killed_agent() {
     }
     let Some(env) = DockerEnv::new() else { return };
     let layout = Layout::init();
-    use_docker_prefix(&layout, &env.prefix);
+    layout.use_docker_prefix(&env.prefix);
     layout.render();
     let haproxy = layout.start_haproxy();
     let root = layout.root();

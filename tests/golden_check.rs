@@ -31,40 +31,27 @@ fn golden_configs_pass_haproxy_check() {
             include_str!("../lua/pg-route.lua"),
         )
         .unwrap();
-        let mut cfg = dir.path().join("pgs.cfg");
+        let pgs_cfg = dir.path().join("pgs.cfg");
+        std::fs::write(&pgs_cfg, &text).unwrap();
+        let mut files = vec![pgs_cfg];
         if text.contains("Fragment mode") {
             // A fragment is loaded after the operator's own file, which owns `global`.
             let base = dir.path().join("operator.cfg");
             std::fs::write(&base, "global\n    log stderr format short local0\n").unwrap();
-            std::fs::write(&cfg, &text).unwrap();
-            cfg = base.clone();
-            let out = Command::new("haproxy")
-                .args(["-c", "-f"])
-                .arg(&cfg)
-                .arg("-f")
-                .arg(dir.path().join("pgs.cfg"))
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}: {}",
-                path.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        } else {
-            std::fs::write(&cfg, &text).unwrap();
-            let out = Command::new("haproxy")
-                .args(["-c", "-f"])
-                .arg(&cfg)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}: {}",
-                path.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            files.insert(0, base);
         }
+        let mut cmd = Command::new("haproxy");
+        cmd.arg("-c");
+        for f in &files {
+            cmd.arg("-f").arg(f);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         checked += 1;
     }
     assert!(checked >= 3, "expected the golden configs, found {checked}");

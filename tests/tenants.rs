@@ -19,15 +19,7 @@ impl Managed {
         }
         let docker = DockerEnv::new()?;
         let layout = Layout::init();
-        let settings = std::fs::read_to_string(&layout.config).unwrap();
-        std::fs::write(
-            &layout.config,
-            settings.replace(
-                "prefix = \"pgs\"",
-                &format!("prefix = \"{}\"", docker.prefix),
-            ),
-        )
-        .unwrap();
+        layout.use_docker_prefix(&docker.prefix);
         layout.render();
         let haproxy = layout.start_haproxy();
         Some(Managed {

@@ -209,6 +209,19 @@ impl Layout {
         self.dir.path().join("pgs")
     }
 
+    /// Rewrites pgs.toml with `edit` (which must change it).
+    pub fn edit_settings(&self, edit: impl FnOnce(String) -> String) {
+        let before = std::fs::read_to_string(&self.config).unwrap();
+        let after = edit(before.clone());
+        assert_ne!(before, after, "the settings edit changed nothing");
+        std::fs::write(&self.config, after).unwrap();
+    }
+
+    /// Puts this layout's Docker objects under `prefix` (a test installation's).
+    pub fn use_docker_prefix(&self, prefix: &str) {
+        self.edit_settings(|s| s.replace("prefix = \"pgs\"", &format!("prefix = \"{prefix}\"")));
+    }
+
     pub fn write_tenants(&self, json: &str) {
         std::fs::write(self.root().join("tenants.json"), json).unwrap();
     }
