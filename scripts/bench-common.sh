@@ -113,14 +113,20 @@ bench_start_haproxy() {
     die "HAProxy did not start"
 }
 
-bench_stop_haproxy() {
-    [ -n "$BENCH_HAPROXY_PID" ] || return 0
-    local pid=$BENCH_HAPROXY_PID i
-    BENCH_HAPROXY_PID=""
+# Stops a child we started: SIGTERM, up to 10 s, then SIGKILL; always reaps it.
+bench_stop_pid() {
+    local pid=$1 i
+    [ -n "$pid" ] || return 0
     kill -TERM "$pid" 2>/dev/null || return 0
     for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
     wait "$pid" 2>/dev/null || true
+}
+
+bench_stop_haproxy() {
+    local pid=$BENCH_HAPROXY_PID
+    BENCH_HAPROXY_PID=""
+    bench_stop_pid "$pid"
 }
 
 # The master CLI (answers after the client half-closes its side: socat -t 2).

@@ -108,13 +108,9 @@ backend static_$TENANT
 EOF
 haproxy -c -q -f "$STATIC_DIR/static.cfg" >&2 || die "static HAProxy config invalid"
 stop_static() {
-    [ -n "$STATIC_PID" ] || return 0
-    local pid=$STATIC_PID i
+    local pid=$STATIC_PID
     STATIC_PID=""
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null || true
+    bench_stop_pid "$pid"
 }
 datapath_cleanup() { local rc=$?; stop_static; (exit "$rc"); bench_cleanup; }
 trap datapath_cleanup EXIT

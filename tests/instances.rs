@@ -148,15 +148,7 @@ async fn two_tenants_are_isolated_and_keep_data_across_restarts() {
     );
 
     // The password is in no inspect output (env, args, labels) and no log line.
-    let engine = bollard::Docker::connect_with_unix(
-        env.settings.socket.to_str().unwrap(),
-        60,
-        bollard::API_DEFAULT_VERSION,
-    )
-    .unwrap()
-    .negotiate_version()
-    .await
-    .unwrap();
+    let engine = env.engine().await;
     for (id, password) in [(&acme, &pa), (&globex, &pg)] {
         let name = driver.container_name(id);
         let inspect = engine.inspect_container(&name, None).await.unwrap();
@@ -310,15 +302,7 @@ async fn a_killed_container_is_observed_and_recovered() {
         "CREATE TABLE t AS SELECT 'durable' AS v",
     );
 
-    let engine = bollard::Docker::connect_with_unix(
-        env.settings.socket.to_str().unwrap(),
-        60,
-        bollard::API_DEFAULT_VERSION,
-    )
-    .unwrap()
-    .negotiate_version()
-    .await
-    .unwrap();
+    let engine = env.engine().await;
     let kill = KillContainerOptionsBuilder::new().signal("SIGKILL").build();
     engine
         .kill_container(&driver.container_name(&id), Some(kill))

@@ -73,6 +73,19 @@ impl DockerEnv {
             .expect("connect to the docker engine")
     }
 
+    /// A raw engine client, independent of the driver under test.
+    pub async fn engine(&self) -> bollard::Docker {
+        bollard::Docker::connect_with_unix(
+            self.settings.socket.to_str().unwrap(),
+            60,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .unwrap()
+        .negotiate_version()
+        .await
+        .unwrap()
+    }
+
     /// A libpq conninfo that reaches the tenant's server directly through its socket directory.
     pub fn conninfo(&self, id: &TenantId) -> String {
         format!(
