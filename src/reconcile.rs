@@ -41,6 +41,9 @@ pub struct Report {
     pub reloaded: bool,
     /// Tenants left unroutable because their server is not ready.
     pub held_back: Vec<TenantId>,
+    /// Whether HAProxy answered on its Runtime API socket; when it did not, the files are
+    /// written and take effect when it starts.
+    pub haproxy_running: bool,
     pub duration_ms: u64,
 }
 
@@ -78,6 +81,7 @@ pub async fn sync<D: InstanceDriver>(
     let plan = plan::plan(&desired, &observed);
     let mut report = Report {
         plan: plan.clone(),
+        haproxy_running: observed.haproxy_running,
         ..Report::default()
     };
     if !opts.dry_run {

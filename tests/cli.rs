@@ -124,3 +124,24 @@ fn the_readme_command_table_matches_the_help() {
         assert!(top.contains(sub), "{sub} missing from --help");
     }
 }
+
+/// `sync` with HAProxy down writes its files and says plainly that nothing is routed yet.
+#[test]
+fn sync_without_haproxy_says_nothing_is_routed_until_it_starts() {
+    if !have_tools(&["haproxy"]) {
+        return;
+    }
+    let layout = Layout::init();
+    layout.write_tenants(
+        r#"{"version": 1, "tenants": {"acme": {"access": "enabled", "external": {"address": "127.0.0.1:1"}}}}"#,
+    );
+    let out = agent(&["-c", layout.config.to_str().unwrap(), "sync"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        text.contains("HAProxy is not running") && text.contains("nothing is routed"),
+        "{text}"
+    );
+    let map = std::fs::read_to_string(layout.root().join("haproxy/maps/access.map")).unwrap();
+    assert!(map.contains("acme enabled"), "{map}");
+}

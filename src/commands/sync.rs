@@ -110,6 +110,12 @@ pub fn print_report(report: &Report, dry_run: bool) {
     for t in &report.held_back {
         println!("  ! {t} is not routable until its server accepts logins");
     }
+    if !report.haproxy_running {
+        println!(
+            "  ! HAProxy is not running: its files are written, and nothing is routed until it \
+             starts (see README, \"HAProxy not running\")"
+        );
+    }
 }
 
 pub async fn run(agent: &Agent, resync: u64) -> anyhow::Result<ExitCode> {
