@@ -20,9 +20,10 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 BENCH_DIR=""          # the pgs layout (pgs-agent init)
 BENCH_PREFIX=""       # [docker] prefix of this run
 BENCH_HAPROXY_PID=""  # master we started
-BENCH_PGDATA=""       # local PostgreSQL we started (bench-flip)
+BENCH_PGDATA=""       # local PostgreSQL we started (bench_local_postgres)
 BENCH_TMP=()          # extra temp dirs to remove
 BENCH_CHILD=""        # the measuring tool while it runs
+BENCH_PIDS=()         # other children to stop at exit (a second HAProxy, ...)
 BENCH_OUT=/dev/stdout
 BENCH_T0=$(date +%s)
 
@@ -66,29 +67,32 @@ bench_free_port() { "$BENCH_PY" "$BENCH_TOOL" freeport; }
 
 # Markdown lines describing the machine and the software, for every section.
 bench_machine_md() {
-    local cpu mem load commit dirty
+    local cpu mem load commit dirty docker_v
     cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
     mem=$(awk '/^MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)
     load=$(cut -d' ' -f1-3 /proc/loadavg)
     commit=$(git -C "$BENCH_REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
     dirty=$(git -C "$BENCH_REPO" status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock lua templates 2>/dev/null | grep -q . && echo " + uncommitted changes in src" || true)
+    docker_v=$(docker info --format '{{.ServerVersion}}' 2>/dev/null || true)
     echo "- Date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "- Machine: $(nproc) CPUs ($cpu), $mem RAM, Debian $(cat /etc/debian_version), kernel $(uname -r); load average at start: $load"
-    echo "- Software: $(haproxy -v | head -n1 | cut -d' ' -f1-3), $("$PGBIN/postgres" --version), Docker $(docker version --format '{{.Server.Version}}' 2>/dev/null || echo 'n/a'), $("$BENCH_AGENT" --version) (commit $commit$dirty, release build, binary sha256 $(sha256sum "$BENCH_AGENT" | cut -c1-12)), Python $("$BENCH_PY" -c 'import platform; print(platform.python_version())')"
+    echo "- Software: $(haproxy -v | head -n1 | cut -d' ' -f1-3), $("$PGBIN/postgres" --version), Docker ${docker_v:-"not running"}, $("$BENCH_AGENT" --version) (commit $commit$dirty, release build, binary sha256 $(sha256sum "$BENCH_AGENT" | cut -c1-12)), Python $("$BENCH_PY" -c 'import platform; print(platform.python_version())')"
     echo "- Temp layout on: $(df -T "${TMPDIR:-/tmp}" | awk 'NR==2 {print $2}') (${TMPDIR:-/tmp})"
 }
 
 # The noise level while the benchmark ran (the machine is shared).
 bench_load_md() { echo "- Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on this machine shows up here)"; }
 
-# pgs-agent init DIR --listen 127.0.0.1:PORT, with a unique docker prefix. Sets BENCH_DIR, BENCH_CFG,
-# BENCH_PORT, BENCH_PREFIX.
-bench_layout() {  # NAME
-    BENCH_PREFIX="pgsbench-$1-$$"
-    BENCH_DIR=$(mktemp -d "${TMPDIR:-/tmp}/pgsbench-$1.XXXXXX")
+# pgs-agent init DIR --listen 127.0.0.1:PORT [INIT_ARGS...], with a unique docker prefix. Sets
+# BENCH_DIR, BENCH_CFG, BENCH_PORT, BENCH_PREFIX, BENCH_ADMIN, BENCH_MASTER.
+bench_layout() {  # NAME [INIT_ARGS...]
+    local name=$1
+    shift
+    BENCH_PREFIX="pgsbench-$name-$$"
+    BENCH_DIR=$(mktemp -d "${TMPDIR:-/tmp}/pgsbench-$name.XXXXXX")
     rmdir "$BENCH_DIR"  # init creates it (and refuses an existing layout)
     BENCH_PORT=$(bench_free_port)
-    "$BENCH_AGENT" init "$BENCH_DIR" --listen "127.0.0.1:$BENCH_PORT" >&2
+    "$BENCH_AGENT" init "$BENCH_DIR" --listen "127.0.0.1:$BENCH_PORT" "$@" >&2
     BENCH_CFG=$BENCH_DIR/pgs.toml
     sed -i "s/^prefix = .*/prefix = \"$BENCH_PREFIX\"/" "$BENCH_CFG"
     grep -q "^prefix = \"$BENCH_PREFIX\"" "$BENCH_CFG" || die "could not set [docker] prefix in $BENCH_CFG"
@@ -148,6 +152,127 @@ bench_docker_cleanup() {
         done
 }
 
+# A local PostgreSQL 15 for external tenants: initdb -U TENANT (SCRAM, a random password) as user
+# postgres into a temp dir, a database named after TENANT, listening on its unix socket and on
+# 127.0.0.1:PORT (a free port). Sets BENCH_PG_DIR (the socket directory), BENCH_PG_SOCK,
+# BENCH_PG_PORT, BENCH_PGDATA; exports PGPASSWORD, PGUSER, PGDATABASE and PGSSLMODE=disable for
+# libpq clients (the password never goes on a command line), and PGPORT (libpq names the socket
+# file after the port).
+bench_local_postgres() {  # TENANT
+    local tenant=$1 root
+    root=$(mktemp -d "${TMPDIR:-/tmp}/pgsbench-pg.XXXXXX")
+    BENCH_TMP+=("$root")
+    chown postgres:postgres "$root"
+    chmod 755 "$root"
+    export PGPASSWORD PGUSER=$tenant PGDATABASE=$tenant PGSSLMODE=disable
+    PGPASSWORD=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
+    printf '%s\n' "$PGPASSWORD" >"$root/pwfile"
+    chown postgres "$root/pwfile"
+    chmod 600 "$root/pwfile"
+    log "initdb -U $tenant (PostgreSQL 15) in $root/data"
+    runuser -u postgres -- "$PGBIN/initdb" -D "$root/data" -U "$tenant" --pwfile="$root/pwfile" \
+        --auth=scram-sha-256 -E UTF8 --no-sync >/dev/null
+    rm -f "$root/pwfile"
+    BENCH_PGDATA=$root/data
+    BENCH_PG_DIR=$root
+    BENCH_PG_PORT=$(bench_free_port)
+    BENCH_PG_SOCK=$root/.s.PGSQL.$BENCH_PG_PORT
+    export PGPORT=$BENCH_PG_PORT
+    runuser -u postgres -- "$PGBIN/pg_ctl" -D "$root/data" -l "$root/postgres.log" -w -t 30 \
+        -o "-c listen_addresses=127.0.0.1 -p $BENCH_PG_PORT -k $root -c max_connections=50" start >/dev/null \
+        || { tail -n 20 "$root/postgres.log" >&2; die "PostgreSQL did not start"; }
+    psql -X -q -h "$root" -p "$BENCH_PG_PORT" -d postgres -v ON_ERROR_STOP=1 -c "create database $tenant" >/dev/null
+}
+
+# pgbench -i -s 1 into the local PostgreSQL (bench_local_postgres).
+bench_pgbench_init() {
+    log "pgbench -i -s 1"
+    "$PGBIN/pgbench" -i -s 1 -q -h "$BENCH_PG_DIR" >"$BENCH_PG_DIR/init.log" 2>&1 \
+        || { cat "$BENCH_PG_DIR/init.log" >&2; die "pgbench -i failed"; }
+}
+
+# A second HAProxy that routes to one server with a static `use_backend`: no Lua, no maps, and
+# otherwise the global/frontend/backend settings and per-connection log line pgs renders. Sets
+# STATIC_PORT, STATIC_DIR (admin.sock, haproxy.log) and STATIC_PID (its master).
+bench_static_haproxy() {  # TENANT SOCKET
+    local tenant=$1 sock=$2 i
+    STATIC_PORT=$(bench_free_port)
+    STATIC_DIR=$(mktemp -d "${TMPDIR:-/tmp}/pgsbench-static.XXXXXX")
+    BENCH_TMP+=("$STATIC_DIR")
+    cat >"$STATIC_DIR/static.cfg" <<EOF
+# The same tenant behind a static use_backend (no Lua, no maps). Global, frontend and backend
+# settings as pgs renders them (maxconn, timeouts, log), minus Lua.
+global
+    stats socket $STATIC_DIR/admin.sock mode 600 level admin
+    pidfile $STATIC_DIR/haproxy.pid
+    log stderr format short local0 info
+    maxconn 2100
+
+frontend static
+    mode tcp
+    bind 127.0.0.1:$STATIC_PORT
+    maxconn 2000
+    log global
+    log-format "%ci:%cp [%t] %ft %b/%s %Tw/%Tc/%Tt %B %ts %ac/%fc/%bc/%sc/%rc"
+    timeout client 1h
+    use_backend static_$tenant
+
+backend static_$tenant
+    mode tcp
+    timeout connect 5s
+    timeout server 1h
+    server $tenant unix@$sock
+EOF
+    haproxy -c -q -f "$STATIC_DIR/static.cfg" >&2 || die "static HAProxy config invalid"
+    haproxy -W -f "$STATIC_DIR/static.cfg" >>"$STATIC_DIR/haproxy.log" 2>&1 </dev/null &
+    STATIC_PID=$!
+    BENCH_PIDS+=("$STATIC_PID")
+    for i in $(seq 100); do [ -S "$STATIC_DIR/admin.sock" ] && return 0; sleep 0.1; done
+    die "static HAProxy did not start"
+}
+
+# The Runtime API's answer to one command.
+bench_runtime() { echo "$2" | socat -t 2 - "UNIX-CONNECT:$1"; }  # SOCKET COMMAND
+bench_nbthread() { bench_runtime "$1" "show info" | sed -n 's/^Nbthread: //p'; }  # SOCKET
+
+# One pgbench -S run (P1 adds -C: a new connection per transaction), -c BENCH_CLIENTS -j BENCH_JOBS
+# -T DURATION, in the background so that INT/TERM reach the trap; prints the TPS. Its output is
+# kept as BENCH_RAW/<ns>-TAG-MODE.txt (call bench_raw_dir once first). Every run must exit 0 with 0
+# failed transactions.
+BENCH_CLIENTS=4
+BENCH_JOBS=2
+BENCH_RAW=""
+bench_raw_dir() {
+    [ -n "$BENCH_RAW" ] && return 0
+    BENCH_RAW=$(mktemp -d "${TMPDIR:-/tmp}/pgsbench-raw.XXXXXX")
+    BENCH_TMP+=("$BENCH_RAW")
+}
+bench_pgbench() {  # HOST PORT MODE(P1|P2) TAG
+    local host=$1 port=$2 mode=$3 tag=$4 out rc=0 tps
+    local flags=(-S -n -c "$BENCH_CLIENTS" -j "$BENCH_JOBS" -T "$DURATION")
+    [ "$mode" = P1 ] && flags=(-C "${flags[@]}")
+    out=$BENCH_RAW/$(date +%s%N)-$tag-$mode.txt
+    "$PGBIN/pgbench" "${flags[@]}" -h "$host" -p "$port" >"$out" 2>&1 &
+    BENCH_CHILD=$!
+    wait "$BENCH_CHILD" || rc=$?
+    BENCH_CHILD=""
+    [ "$rc" = 0 ] || { cat "$out" >&2; die "pgbench $mode ($tag) failed (exit $rc)"; }
+    grep -q '^number of failed transactions: 0 ' "$out" || { cat "$out" >&2; die "pgbench $mode ($tag) had failed transactions"; }
+    tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$out")
+    [ -n "$tps" ] || { cat "$out" >&2; die "no tps in pgbench output"; }
+    printf "%.1f\n" "$tps"
+}
+
+# Statistics over a space-separated list: "median min max"; ratios; the per-round ratio range.
+bench_stat() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{v[NR]=$1} END {m = (NR % 2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2; printf "%.1f %.1f %.1f", m, v[1], v[NR]}'; }
+bench_med() { bench_stat "$1" | cut -d' ' -f1; }
+bench_div() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a/b}'; }
+bench_round_ratios() {  # LIST_A LIST_B → "min–max" of per-round A/B
+    paste <(tr ' ' '\n' <<<"$1" | grep .) <(tr ' ' '\n' <<<"$2" | grep .) |
+        awk '{r=$1/$2; if (NR==1 || r<lo) lo=r; if (NR==1 || r>hi) hi=r} END {printf "%.3f–%.3f", lo, hi}'
+}
+bench_verdict() { awk -v x="$1" -v t="$2" 'BEGIN {print (x >= t) ? "**met**" : "**not met**"}'; }
+
 bench_stop_postgres() {
     [ -n "$BENCH_PGDATA" ] || return 0
     local d=$BENCH_PGDATA
@@ -178,6 +303,8 @@ bench_cleanup() {
         sleep 1  # let an agent command it had started finish (it holds no lock after exit)
     fi
     bench_stop_haproxy
+    local p
+    for p in "${BENCH_PIDS[@]}"; do bench_stop_pid "$p"; done
     bench_stop_postgres
     bench_docker_cleanup
     [ -n "$BENCH_DIR" ] && [ -z "${BENCH_KEEP:-}" ] && rm -rf "$BENCH_DIR"

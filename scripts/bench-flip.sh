@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark 1: access flip latency.
 #
-# One external tenant pointing at a local PostgreSQL 15 this script starts (initdb as user
-# postgres into a temp dir, unix socket only, SCRAM password). HAProxy runs from a fresh
+# One external tenant pointing at a local PostgreSQL 15 this script starts (bench_local_postgres:
+# a temp dir, SCRAM password, reached through its unix socket). HAProxy runs from a fresh
 # `pgs-agent init` layout. Then, in one run: FLIPS flips alternating
 # `pgs-agent -c CFG access disable|enable bench` timing the command (pass A), FLIPS more while a
 # raw-socket client (StartupMessage → 'R' auth request or 'E' "not available") keeps opening new
@@ -23,34 +23,15 @@ bench_preflight
 machine=$(bench_machine_md)
 bench_layout flip
 
-# --- local PostgreSQL: initdb as postgres, unix socket in its own temp dir, SCRAM.
-pgroot=$(mktemp -d "${TMPDIR:-/tmp}/pgsbench-pg.XXXXXX")
-BENCH_TMP+=("$pgroot")
-chown postgres:postgres "$pgroot"
-chmod 755 "$pgroot"
-su_pw=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
-tenant_pw=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
-printf '%s\n' "$su_pw" >"$pgroot/pwfile"
-chown postgres "$pgroot/pwfile"
-chmod 600 "$pgroot/pwfile"
-log "initdb (PostgreSQL 15) in $pgroot/data"
-runuser -u postgres -- "$PGBIN/initdb" -D "$pgroot/data" -U postgres --pwfile="$pgroot/pwfile" \
-    --auth=scram-sha-256 -E UTF8 --no-sync >/dev/null
-rm -f "$pgroot/pwfile"
-BENCH_PGDATA=$pgroot/data
-runuser -u postgres -- "$PGBIN/pg_ctl" -D "$pgroot/data" -l "$pgroot/postgres.log" -w -t 30 \
-    -o "-c listen_addresses='' -k $pgroot -c max_connections=50" start >/dev/null
-PGPASSWORD=$su_pw psql -X -q -h "$pgroot" -U postgres -d postgres -v ON_ERROR_STOP=1 \
-    -c "create role $TENANT login password '$tenant_pw'" -c "create database $TENANT owner $TENANT" >/dev/null
+bench_local_postgres "$TENANT"
 
 # --- the external tenant and HAProxy.
 cat >"$BENCH_DIR/tenants.json" <<EOF
 {"version": 1,
- "tenants": {"$TENANT": {"access": "enabled", "external": {"address": "$pgroot/.s.PGSQL.5432"}}}}
+ "tenants": {"$TENANT": {"access": "enabled", "external": {"address": "$BENCH_PG_SOCK"}}}}
 EOF
 bench_start_haproxy
-answer=$(psql -X "host=127.0.0.1 port=$BENCH_PORT user=$TENANT dbname=$TENANT password=$tenant_pw sslmode=disable" \
-    -Atqc "select current_user") || die "the tenant does not answer through HAProxy"
+answer=$(psql -X -h 127.0.0.1 -p "$BENCH_PORT" -Atqc "select current_user") || die "the tenant does not answer through HAProxy"
 [ "$answer" = "$TENANT" ] || die "unexpected answer through HAProxy: $answer"
 log "tenant $TENANT answers through HAProxy (SCRAM login via psql); measuring"
 
