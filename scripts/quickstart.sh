@@ -100,15 +100,17 @@ else
     "$agent" -c "$cfg" tenant create "$tenant" --enable
 fi
 
-uri=$("$agent" -c "$cfg" tenant credentials "$tenant")
-psql "$uri" -Atqc "select 'demo tenant answers: ' || current_user" >/dev/null \
+# The password reaches psql through its environment, never its command line.
+(eval "$("$agent" -c "$cfg" tenant credentials "$tenant" --format env)" &&
+    psql -X -Atqc "select 'demo tenant answers: ' || current_user" >/dev/null) \
     || { echo "the demo tenant does not answer through HAProxy; see $dir/agent.log" >&2; exit 1; }
 step "done"
 cat <<EOF
 
-pgs is running. Connect to tenant "$tenant" through HAProxy:
+pgs is running. Connect to tenant "$tenant" through HAProxy (the password goes to psql
+through PGPASSWORD, so it never shows in \`ps\`):
 
-  psql "\$($agent -c $cfg tenant credentials $tenant)"
+  (eval "\$($agent -c $cfg tenant credentials $tenant --format env)" && psql)
 
 More:
   $agent -c $cfg tenant create acme --enable     another tenant

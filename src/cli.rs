@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::settings::DEFAULT_CONFIG;
 use crate::tenants::TenantId;
@@ -163,9 +163,26 @@ pub enum TenantCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print a postgresql:// URI for connecting through HAProxy, with the tenant's password.
-    /// The only command that reveals a password.
-    Credentials { id: TenantId },
+    /// Print how to connect through HAProxy, with the tenant's password. The only command
+    /// that reveals a password.
+    ///
+    /// `--format env` keeps the password off command lines (where `ps` shows it):
+    /// `(eval "$(pgs-agent tenant credentials acme --format env)" && psql)`.
+    Credentials {
+        id: TenantId,
+        /// uri: a postgresql:// URI; env: `export PGHOST=... PGPASSWORD=...` for a shell to
+        /// eval; pgpass: a line for ~/.pgpass (mode 0600).
+        #[arg(long, value_enum, default_value_t = CredentialsFormat::Uri)]
+        format: CredentialsFormat,
+    },
+}
+
+/// How `tenant credentials` prints a tenant's connection details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CredentialsFormat {
+    Uri,
+    Env,
+    Pgpass,
 }
 
 #[derive(Debug, Args)]

@@ -33,27 +33,53 @@ fn sync(layout: &Layout) -> (Option<i32>, String) {
     )
 }
 
-/// The `postgresql://` URI `tenant credentials` prints, once the tenant has a password.
-fn credentials(layout: &Layout, id: &str) -> Option<String> {
+/// How to reach a tenant through HAProxy, from `tenant credentials --format env`: a conninfo
+/// without the password, and the password (for psql's environment, never its arguments).
+struct Creds {
+    conninfo: String,
+    password: String,
+}
+
+/// What `tenant credentials --format env` prints, once the tenant has a password.
+fn credentials(layout: &Layout, id: &str) -> Option<Creds> {
     let out = agent(&[
         "-c",
         layout.config.to_str().unwrap(),
         "tenant",
         "credentials",
         id,
+        "--format",
+        "env",
     ]);
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let vars: std::collections::HashMap<&str, &str> = text
+        .trim()
+        .strip_prefix("export ")?
+        .split(' ')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k, v.trim_matches('\'')))
+        .collect();
+    Some(Creds {
+        conninfo: format!(
+            "host={} port={} user={} dbname={}",
+            vars.get("PGHOST")?,
+            vars.get("PGPORT")?,
+            vars.get("PGUSER")?,
+            vars.get("PGDATABASE")?
+        ),
+        password: vars.get("PGPASSWORD")?.to_string(),
+    })
 }
 
-/// Waits until `id` answers a query through HAProxy with the credentials the CLI prints;
-/// returns the URI.
-fn wait_routable(layout: &Layout, id: &str, timeout: Duration) -> String {
+/// Waits until `id` answers a query through HAProxy with the credentials the CLI prints.
+fn wait_routable(layout: &Layout, id: &str, timeout: Duration) -> Creds {
     wait_for(&format!("{id} to answer through HAProxy"), timeout, || {
-        let uri = credentials(layout, id)?;
-        let (ok, out, _) = psql(&uri, "", "select current_user");
-        (ok && out == id).then_some(uri)
+        let c = credentials(layout, id)?;
+        let (ok, out, _) = psql(&c.conninfo, &c.password, "select current_user");
+        (ok && out == id).then_some(c)
     })
 }
 
@@ -140,13 +166,13 @@ fn managed_tenants_follow_file_edits_docker_deaths_and_a_killed_agent() {
         daemon.wait_for_log(want, RESYNC);
     }
     let (ok, _, err) = psql(
-        &acme,
-        "",
+        &acme.conninfo,
+        &acme.password,
         "create table notes (v text); insert into notes values ('kept')",
     );
     assert!(ok, "{err}");
     // Kept open across the reload below: established sessions stay on the old worker.
-    let mut session = Session::open(&acme, "");
+    let mut session = Session::open(&acme.conninfo, &acme.password);
 
     // kill -9 of the agent while it waits for a new tenant's server to accept logins.
     let reloads = master_reloads(&haproxy);
@@ -166,7 +192,10 @@ fn managed_tenants_follow_file_edits_docker_deaths_and_a_killed_agent() {
     assert_eq!(code, Some(2), "sync after a killed agent:\n{out}");
     assert!(out.contains("globex"), "{out}");
     wait_routable(&layout, "globex", Duration::from_secs(10));
-    assert_eq!(psql(&acme, "", "select v from notes").1, "kept");
+    assert_eq!(
+        psql(&acme.conninfo, &acme.password, "select v from notes").1,
+        "kept"
+    );
     assert_eq!(
         master_reloads(&haproxy),
         reloads + 1,
@@ -202,7 +231,7 @@ fn managed_tenants_follow_file_edits_docker_deaths_and_a_killed_agent() {
         "acme's data after the restart",
         Duration::from_secs(10),
         || {
-            let (ok, out, _) = psql(&acme, "", "select v from notes");
+            let (ok, out, _) = psql(&acme.conninfo, &acme.password, "select v from notes");
             (ok && out == "kept").then_some(())
         },
     );

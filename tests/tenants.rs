@@ -162,8 +162,11 @@ fn tenants_get_servers_of_their_own_with_data_that_outlives_containers() {
     assert!(!logs.contains(&pw));
     let list = m.ok(&["tenant", "list", "--json"]);
     assert!(!list.contains(&pw));
-    // Only `credentials` reveals it.
-    assert!(m.ok(&["tenant", "credentials", "acme"]).contains(&pw));
+    // Only `credentials` reveals it, in every format.
+    for format in ["uri", "env", "pgpass"] {
+        let text = m.ok(&["tenant", "credentials", "acme", "--format", format]);
+        assert!(text.contains(&pw), "--format {format} lacks the password");
+    }
 }
 
 #[test]

@@ -113,7 +113,7 @@ pub fn print_report(report: &Report, dry_run: bool) {
     if !report.haproxy_running {
         println!(
             "  ! HAProxy is not running: its files are written, and nothing is routed until it \
-             starts (see README, \"HAProxy not running\")"
+             starts (README.md, Troubleshooting)"
         );
     }
 }

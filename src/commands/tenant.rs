@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Map, Value};
 
 use super::sync::{driver, print_report};
-use crate::cli::{CreateArgs, TenantCommand};
+use crate::cli::{CreateArgs, CredentialsFormat, TenantCommand};
 use crate::instances::docker::DockerDriver;
 use crate::instances::InstanceDriver;
 use crate::reconcile::{self, Report, SyncOptions};
@@ -23,7 +23,7 @@ pub async fn run(agent: &Agent, cmd: TenantCommand) -> anyhow::Result<ExitCode> 
         TenantCommand::Stop { id } => set_stopped(agent, &id, true).await,
         TenantCommand::List { json } => list(agent, json).await,
         TenantCommand::Show { id, json } => show(agent, &id, json).await,
-        TenantCommand::Credentials { id } => credentials(agent, &id).await,
+        TenantCommand::Credentials { id, format } => credentials(agent, &id, format).await,
     }
 }
 
@@ -240,7 +240,11 @@ async fn show(agent: &Agent, id: &TenantId, json: bool) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-async fn credentials(agent: &Agent, id: &TenantId) -> anyhow::Result<ExitCode> {
+async fn credentials(
+    agent: &Agent,
+    id: &TenantId,
+    format: CredentialsFormat,
+) -> anyhow::Result<ExitCode> {
     let tenants = tenants::load(&agent.paths.tenants_file)?;
     let t = tenants.get(id).ok_or_else(|| {
         anyhow!(
@@ -265,10 +269,41 @@ async fn credentials(agent: &Agent, id: &TenantId) -> anyhow::Result<ExitCode> {
         h => h,
     };
     println!(
-        "postgresql://{id}:{}@{host}:{port}/{id}",
-        percent_encode(password.trim_end())
+        "{}",
+        connection_text(format, id, host, port, password.trim_end())
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// A tenant's connection details through HAProxy, in one of the `credentials` formats.
+fn connection_text(
+    format: CredentialsFormat,
+    id: &TenantId,
+    host: &str,
+    port: &str,
+    password: &str,
+) -> String {
+    match format {
+        CredentialsFormat::Uri => format!(
+            "postgresql://{id}:{}@{host}:{port}/{id}",
+            percent_encode(password)
+        ),
+        CredentialsFormat::Env => format!(
+            "export PGHOST={} PGPORT={} PGUSER={id} PGDATABASE={id} PGPASSWORD={}",
+            shell_quote(host),
+            shell_quote(port),
+            shell_quote(password)
+        ),
+        CredentialsFormat::Pgpass => {
+            let esc = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
+            format!("{}:{}:{id}:{id}:{}", esc(host), esc(port), esc(password))
+        }
+    }
+}
+
+/// Single-quotes a word for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// Percent-encodes everything but unreserved URI characters.
@@ -285,6 +320,27 @@ fn percent_encode(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn every_credentials_format_carries_the_password_intact() {
+        let id: TenantId = "acme".parse().unwrap();
+        let text = |f| connection_text(f, &id, "127.0.0.1", "6432", "p'w:\\x");
+        assert_eq!(
+            text(CredentialsFormat::Uri),
+            "postgresql://acme:p%27w%3A%5Cx@127.0.0.1:6432/acme"
+        );
+        assert_eq!(
+            text(CredentialsFormat::Env),
+            "export PGHOST='127.0.0.1' PGPORT='6432' PGUSER=acme PGDATABASE=acme \
+             PGPASSWORD='p'\\''w:\\x'"
+        );
+        assert_eq!(
+            text(CredentialsFormat::Pgpass),
+            "127.0.0.1:6432:acme:acme:p'w\\:\\\\x"
+        );
+    }
+
     #[test]
     fn percent_encoding_keeps_unreserved_only() {
         assert_eq!(super::percent_encode("a-Z_0.~"), "a-Z_0.~");
