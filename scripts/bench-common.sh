@@ -80,8 +80,14 @@ bench_machine_md() {
     echo "- Temp layout on: $(df -T "${TMPDIR:-/tmp}" | awk 'NR==2 {print $2}') (${TMPDIR:-/tmp})"
 }
 
-# The noise level while the benchmark ran (the machine is shared).
-bench_load_md() { echo "- Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on this machine shows up here)"; }
+# The noise level while the benchmark ran (the machine is shared): the load average at the end,
+# and the share of CPU time the hypervisor gave to others (steal) since bench_preflight.
+bench_load_md() {
+    local steal
+    steal=$(printf '%s\n%s\n' "$BENCH_CPU0" "$(grep '^cpu ' /proc/stat)" |
+        awk '{t = 0; for (i = 2; i <= 9; i++) t += $i; tot[NR] = t; st[NR] = $9} END {d = tot[2] - tot[1]; printf "%.1f", (d > 0) ? 100 * (st[2] - st[1]) / d : 0}')
+    echo "- Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg); CPU steal during the run: $steal % (other work on this machine and its host shows up here)"
+}
 
 # pgs-agent init DIR --listen 127.0.0.1:PORT [INIT_ARGS...], with a unique docker prefix. Sets
 # BENCH_DIR, BENCH_CFG, BENCH_PORT, BENCH_PREFIX, BENCH_ADMIN, BENCH_MASTER.
@@ -264,8 +270,11 @@ bench_pgbench() {  # HOST PORT MODE(P1|P2) TAG
 }
 
 # Statistics over a space-separated list: "median min max"; ratios; the per-round ratio range.
-bench_stat() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{v[NR]=$1} END {m = (NR % 2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2; printf "%.1f %.1f %.1f", m, v[1], v[NR]}'; }
-bench_med() { bench_stat "$1" | cut -d' ' -f1; }
+bench_stat() {  # LIST [DECIMALS (default 1)]
+    tr ' ' '\n' <<<"$1" | grep . | sort -g | awk -v d="${2:-1}" '{v[NR]=$1} END {
+        m = (NR % 2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2; f = "%." d "f"; printf f " " f " " f, m, v[1], v[NR]}'
+}
+bench_med() { bench_stat "$1" "${2:-1}" | cut -d' ' -f1; }
 bench_div() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a/b}'; }
 bench_round_ratios() {  # LIST_A LIST_B → "min–max" of per-round A/B
     paste <(tr ' ' '\n' <<<"$1" | grep .) <(tr ' ' '\n' <<<"$2" | grep .) |
@@ -324,6 +333,7 @@ bench_preflight() {
     [ -x "$PGBIN/postgres" ] || die "PostgreSQL 15 missing at $PGBIN"
     bench_build
     BENCH_RUN_T0=$(date +%s)
+    BENCH_CPU0=$(grep '^cpu ' /proc/stat)
 }
 
 # Seconds since the end of bench_preflight (the build is not counted).

@@ -101,8 +101,11 @@ start_variant() {  # NAME
 }
 worker_pid() { pgrep -P "$1" -x haproxy | head -n1; }  # MASTER_PID
 
+machine_ctxt() { awk '/^ctxt / {print $2}' /proc/stat; }  # context switches since boot
+
 # --- part 1: the settings, side by side.
 declare -A TPS=()   # "MODE name" → TPS per round
+declare -A CSW=()   # "MODE name" → context switches per transaction, per round
 paths=(direct "${VARIANTS[@]}")
 for r in $(seq "$ROUNDS"); do
     order=()
@@ -110,9 +113,12 @@ for r in $(seq "$ROUNDS"); do
     for p in "${order[@]}"; do
         if [ "$p" = direct ]; then host=$BENCH_PG_DIR port=$BENCH_PG_PORT; else start_variant "$p"; host=127.0.0.1 port=$BENCH_PORT; fi
         for mode in $MODES; do
+            x0=$(machine_ctxt)
             t=$(bench_pgbench "$host" "$port" "$mode" "r$r-$p")
+            x=$(awk -v d="$(( $(machine_ctxt) - x0 ))" -v t="$t" -v s="$DURATION" 'BEGIN {printf "%.2f", d / (t * s)}')
             TPS["$mode $p"]+="$t "
-            log "round $r $mode $p: $t tps"
+            CSW["$mode $p"]+="$x "
+            log "round $r $mode $p: $t tps, $x context switches per transaction"
         done
     done
 done
@@ -133,8 +139,8 @@ measure_cpu() {  # PATH HOST PORT HAPROXY_MASTER_PID(or "")
     local path=$1 host=$2 port=$3 master=$4 worker="" pm out rc=0
     pm=$(head -n1 "$BENCH_PGDATA/postmaster.pid")
     [ -n "$master" ] && worker=$(worker_pid "$master")
-    local c0 p0 h0=0 m0 c1 p1 h1=0 m1
-    children_cpu >"$BENCH_RAW/c0"; p0=$(proc_cpu "$pm"); m0=$(machine_busy)
+    local c0 p0 h0=0 m0 x0 c1 p1 h1=0 m1 x1
+    children_cpu >"$BENCH_RAW/c0"; p0=$(proc_cpu "$pm"); m0=$(machine_busy); x0=$(machine_ctxt)
     [ -n "$worker" ] && h0=$(proc_cpu "$worker")
     out=$BENCH_RAW/cpu-$path-P2.txt
     "$PGBIN/pgbench" -S -n -c "$BENCH_CLIENTS" -j "$BENCH_JOBS" -T "$DURATION" -h "$host" -p "$port" >"$out" 2>&1 &
@@ -143,17 +149,17 @@ measure_cpu() {  # PATH HOST PORT HAPROXY_MASTER_PID(or "")
     BENCH_CHILD=""
     [ "$rc" = 0 ] || { cat "$out" >&2; die "pgbench over $path failed"; }
     sleep 0.3  # the postmaster reaps the backends that served the run
-    children_cpu >"$BENCH_RAW/c1"; p1=$(proc_cpu "$pm"); m1=$(machine_busy)
+    children_cpu >"$BENCH_RAW/c1"; p1=$(proc_cpu "$pm"); m1=$(machine_busy); x1=$(machine_ctxt)
     c0=$(cat "$BENCH_RAW/c0"); c1=$(cat "$BENCH_RAW/c1")
     [ -n "$worker" ] && h1=$(proc_cpu "$worker")
     local n tps
     n=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
     tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$out")
-    CPU[$path]=$(awk -v n="$n" -v tps="$tps" -v hz="$ticks" -v c="$c0 $c1" -v p="$((p1 - p0))" -v h="$((h1 - h0))" -v m="$((m1 - m0))" 'BEGIN {
+    CPU[$path]=$(awk -v n="$n" -v tps="$tps" -v hz="$ticks" -v c="$c0 $c1" -v p="$((p1 - p0))" -v h="$((h1 - h0))" -v m="$((m1 - m0))" -v x="$((x1 - x0))" 'BEGIN {
         split(c, cc, " "); us = 1e6 / n
         pg = (cc[2] - cc[1]) * us; ps = p / hz * us; hp = h / hz * us; tot = m / hz * us
-        printf "%.0f %.1f %.1f %.1f %.1f %.1f", tps, pg, ps, hp, tot - pg - ps - hp, tot }')
-    log "cpu $path: tps, then µs per transaction: pgbench postgres haproxy other total = ${CPU[$path]}"
+        printf "%.0f %.1f %.1f %.1f %.1f %.1f %.2f", tps, pg, ps, hp, tot - pg - ps - hp, tot, x / n }')
+    log "cpu $path: tps, then µs per transaction: pgbench postgres haproxy other total, context switches = ${CPU[$path]}"
 }
 
 PROFILE_MD=""
@@ -217,18 +223,18 @@ env=""
         direct=$(bench_med "${TPS[$mode direct]}")
         echo "$mname:"
         echo
-        echo "| variant | directives added | median TPS | min | max | / direct | / base (per round) |"
-        echo "|---|---|---:|---:|---:|---:|---:|"
+        echo "| variant | directives added | median TPS | min | max | / direct | / base (per round) | context switches / tx |"
+        echo "|---|---|---:|---:|---:|---:|---:|---:|"
         for p in "${paths[@]}"; do
             read -r m lo hi <<<"$(bench_stat "${TPS[$mode $p]}")"
             if [ "$p" = direct ]; then
-                echo "| direct (unix socket) | — | $m | $lo | $hi | 1 | — |"
+                echo "| direct (unix socket) | — | $m | $lo | $hi | 1 | — | $(bench_med "${CSW[$mode $p]}" 2) |"
             else
                 d=${DIRECTIVES[$p]:-(none: pgs as rendered)}
                 d=$(sed 's/g:/global: /g; s/f:/frontend: /g; s/b:/backend: /g; s/;/<br>/g' <<<"$d")
                 rb="—"
                 [ -n "${TPS[$mode base]:-}" ] && [ "$p" != base ] && rb="$(bench_div "$m" "$base") ($(bench_round_ratios "${TPS[$mode $p]}" "${TPS[$mode base]}"))"
-                echo "| $p | $d | $m | $lo | $hi | $(bench_div "$m" "$direct") | $rb |"
+                echo "| $p | $d | $m | $lo | $hi | $(bench_div "$m" "$direct") | $rb | $(bench_med "${CSW[$mode $p]}" 2) |"
             fi
         done
         echo
@@ -237,13 +243,14 @@ env=""
         echo "Where a P2 transaction's CPU time goes (one $DURATION s run per path, same run; CPU µs per"
         echo "transaction = the process's utime+stime delta / transactions; PostgreSQL = the postmaster and"
         echo "its reaped backends; \"other\" = the machine's busy time (/proc/stat) minus the three, i.e."
-        echo "softirq and everything else; $(nproc) CPUs → at most $(( $(nproc) * 1000000 )) µs per second):"
+        echo "softirq and everything else; $(nproc) CPUs → at most $(( $(nproc) * 1000000 )) µs per second; context"
+        echo "switches: the machine's, /proc/stat \`ctxt\`, per transaction):"
         echo
-        echo "| path | TPS | pgbench | PostgreSQL | HAProxy | other | total busy |"
-        echo "|---|---:|---:|---:|---:|---:|---:|"
+        echo "| path | TPS | pgbench µs | PostgreSQL µs | HAProxy µs | other µs | total busy µs | context switches |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
         for p in direct-unix direct-tcp static pgs; do
-            read -r tps a b c d e <<<"${CPU[$p]}"
-            echo "| $p | $tps | $a | $b | $c | $d | $e |"
+            read -r tps a b c d e f <<<"${CPU[$p]}"
+            echo "| $p | $tps | $a | $b | $c | $d | $e | $f |"
         done
         echo
         echo "HAProxy's task profiler during one P2 run through pgs (\`show profiling\`, tasks part):"
