@@ -133,6 +133,11 @@ pub struct InitArgs {
     /// Address (HOST:PORT or a unix socket path) `run` serves the HTTP API on; "" for none.
     #[arg(long, value_name = "HOST:PORT")]
     pub api_listen: Option<String>,
+
+    /// Name prefix of this layout's containers and volumes (`PREFIX-acme`). Give every layout
+    /// on one Docker engine its own.
+    #[arg(long, value_name = "NAME", default_value = "pgs")]
+    pub docker_prefix: String,
 }
 
 #[derive(Debug, Subcommand)]

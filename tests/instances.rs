@@ -335,7 +335,7 @@ async fn failures_are_explained_and_foreign_objects_left_alone() {
     };
     let err = driver.ensure(&tenant("ghost"), &missing).await.unwrap_err();
     assert!(
-        matches!(&err, DriverError::ImageMissing { image } if image == "pgs/no-such-image:0"),
+        matches!(&err, DriverError::ImageMissing { image, tenant } if image == "pgs/no-such-image:0" && tenant.as_str() == "ghost"),
         "{err}"
     );
 

@@ -178,7 +178,9 @@ fn provisioning_errors_are_clear_and_leave_the_file_alone() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("not present") && err.contains("build-image.sh"),
+        err.contains("not present")
+            && err.contains("build-image.sh")
+            && err.contains("docker images"),
         "{err}"
     );
 
@@ -228,4 +230,48 @@ fn provisioning_errors_are_clear_and_leave_the_file_alone() {
     assert!(!ok && err.contains("not available"), "{err}");
     m.ok(&["tenant", "start", "acme"]);
     assert!(m.sql("acme", "select 1").0);
+}
+
+/// Two layouts that share a docker prefix by mistake: neither removes, nor takes over, the
+/// other's servers, and the error says what to change.
+#[test]
+fn layouts_that_share_a_prefix_leave_each_other_alone() {
+    let Some(m) = Managed::start() else { return };
+    m.ok(&["tenant", "create", "acme", "--enable", "--memory", "128m"]);
+    let theirs = m.container("acme");
+
+    let other = Layout::init();
+    other.use_docker_prefix(&m.docker.prefix);
+    let run = |args: &[&str]| {
+        let mut all = vec!["-c", other.config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        agent(&all)
+    };
+    // An empty tenants file: the other layout's server is not this layout's to remove.
+    let plan = run(&["plan"]);
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(!text.contains("remove"), "{text}");
+    let sync = run(&["sync"]);
+    assert!(sync.status.code() != Some(1), "{sync:?}");
+    let inspect = docker(&["inspect", "-f", "{{.State.Running}}", &theirs]);
+    assert_eq!(String::from_utf8_lossy(&inspect.stdout).trim(), "true");
+
+    // The same tenant id here collides by name: refused, with the way out.
+    let out = run(&["tenant", "create", "acme", "--memory", "128m"]);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("belongs to the pgs layout in") && all.contains("its own [docker] prefix"),
+        "{all}"
+    );
+    let inspect = docker(&["inspect", "-f", "{{.State.Running}}", &theirs]);
+    assert_eq!(String::from_utf8_lossy(&inspect.stdout).trim(), "true");
+    assert!(
+        m.sql("acme", "select 1").0,
+        "the first layout's tenant still answers"
+    );
 }

@@ -50,6 +50,7 @@ fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
     if let Some(api) = args.api_listen {
         settings.api.listen = api;
     }
+    settings.docker.prefix = args.docker_prefix;
     settings.check()?;
     let config = layout::init(&args.dir, &settings)?;
     let agent = Agent::load(&config)?;
@@ -64,12 +65,23 @@ fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
             p.api_token.display()
         );
     }
-    println!("Next:");
-    println!("  pgs-agent -c {} render", config.display());
     println!(
-        "  haproxy -W -S {} -f {}",
+        "  containers    {}-<tenant> (docker prefix)",
+        agent.settings.docker.prefix
+    );
+    println!("Next:");
+    println!(
+        "  pgs-agent -c {} render    # HAProxy's config, maps and Lua",
+        config.display()
+    );
+    println!(
+        "  haproxy -W -S {} -f {}    # stays in the foreground; add -D to detach",
         p.master_socket.display(),
         p.haproxy_cfg.display()
+    );
+    println!(
+        "  pgs-agent -c {} run       # the daemon: tenants' servers, reloads, the HTTP API (or `sync` once)",
+        config.display()
     );
     Ok(ExitCode::SUCCESS)
 }

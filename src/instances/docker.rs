@@ -33,6 +33,9 @@ use crate::tenants::{self, ManagedSpec, TenantId};
 pub const LABEL_MANAGED: &str = "io.pgs.managed";
 /// The installation (`docker.prefix`) that owns the object.
 pub const LABEL_INSTALLATION: &str = "io.pgs.installation";
+/// The layout directory (where pgs.toml lives) that owns the object: two layouts that share a
+/// `docker.prefix` by mistake never touch each other's objects.
+pub const LABEL_LAYOUT: &str = "io.pgs.layout";
 /// The tenant the object belongs to.
 pub const LABEL_TENANT: &str = "io.pgs.tenant";
 /// On containers: the `ManagedSpec` (JSON) the container was created from.
@@ -92,6 +95,8 @@ pub struct DockerDriver {
     docker: Docker,
     settings: DockerSettings,
     paths: Paths,
+    /// This layout's directory, as `io.pgs.layout` carries it.
+    layout: String,
 }
 
 impl DockerDriver {
@@ -120,6 +125,7 @@ impl DockerDriver {
             docker,
             settings: settings.clone(),
             paths: paths.clone(),
+            layout: layout_id(&paths.config),
         })
     }
 
@@ -345,10 +351,16 @@ impl DockerDriver {
         match self.docker.inspect_container(&name, None).await {
             Ok(c) => {
                 let labels = c.config.as_ref().and_then(|c| c.labels.as_ref());
-                if is_owned(labels, &self.settings.prefix, id) {
+                if is_owned(labels, &self.settings.prefix, &self.layout, id) {
                     Ok(Some(c))
                 } else {
-                    Err(not_ours(id, "container", &name, &self.settings.prefix))
+                    Err(not_ours(
+                        id,
+                        "container",
+                        &name,
+                        labels,
+                        &self.settings.prefix,
+                    ))
                 }
             }
             Err(e) if is_not_found(&e) => Ok(None),
@@ -360,8 +372,14 @@ impl DockerDriver {
     async fn owned_volume(&self, id: &TenantId) -> Result<bool, DriverError> {
         let name = self.volume_name(id);
         match self.docker.inspect_volume(&name).await {
-            Ok(v) if is_owned(Some(&v.labels), &self.settings.prefix, id) => Ok(true),
-            Ok(_) => Err(not_ours(id, "volume", &name, &self.settings.prefix)),
+            Ok(v) if is_owned(Some(&v.labels), &self.settings.prefix, &self.layout, id) => Ok(true),
+            Ok(v) => Err(not_ours(
+                id,
+                "volume",
+                &name,
+                Some(&v.labels),
+                &self.settings.prefix,
+            )),
             Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(self.engine_err(id, &format!("inspecting volume {name}"), e)),
         }
@@ -372,7 +390,7 @@ impl DockerDriver {
         tracing::info!(tenant = %id, "creating volume {name}");
         let request = VolumeCreateRequest {
             name: Some(name.clone()),
-            labels: Some(ownership_labels(&self.settings.prefix, id)),
+            labels: Some(ownership_labels(&self.settings.prefix, &self.layout, id)),
             ..Default::default()
         };
         self.docker
@@ -503,6 +521,15 @@ impl InstanceDriver for DockerDriver {
         };
         for c in containers {
             let labels = c.labels.unwrap_or_default();
+            if let Some(other) = other_layout(&labels, &self.layout) {
+                tracing::warn!(
+                    "container {:?} belongs to the pgs layout in {other}, which uses the same \
+                     docker.prefix {prefix:?}; left alone. Give one of the layouts its own \
+                     [docker] prefix",
+                    c.names
+                );
+                continue;
+            }
             let Some(tenant) = labelled_tenant(&labels) else {
                 tracing::warn!("container {:?} of installation {prefix} has no valid {LABEL_TENANT} label; ignored", c.names);
                 continue;
@@ -528,6 +555,14 @@ impl InstanceDriver for DockerDriver {
             entry.spec = labels.get(LABEL_SPEC).and_then(|s| parse_spec_label(s));
         }
         for v in volumes.volumes.unwrap_or_default() {
+            if let Some(other) = other_layout(&v.labels, &self.layout) {
+                tracing::warn!(
+                    "volume {} belongs to the pgs layout in {other}, which uses the same \
+                     docker.prefix {prefix:?}; left alone",
+                    v.name
+                );
+                continue;
+            }
             let Some(tenant) = labelled_tenant(&v.labels) else {
                 tracing::warn!(
                     "volume {} of installation {prefix} has no valid {LABEL_TENANT} label; ignored",
@@ -554,7 +589,12 @@ impl InstanceDriver for DockerDriver {
             .unwrap_or_else(|| self.settings.default_image.clone());
         let image_info = match self.docker.inspect_image(&image).await {
             Ok(info) => info,
-            Err(e) if is_not_found(&e) => return Err(DriverError::ImageMissing { image }),
+            Err(e) if is_not_found(&e) => {
+                return Err(DriverError::ImageMissing {
+                    tenant: id.clone(),
+                    image,
+                })
+            }
             Err(e) => return Err(self.engine_err(id, &format!("inspecting image {image}"), e)),
         };
         let image_sets_stop_signal = image_info
@@ -601,6 +641,7 @@ impl InstanceDriver for DockerDriver {
         let init_scripts = self.resolve_init_scripts(id, spec)?;
         let blueprint = Blueprint {
             prefix: self.settings.prefix.clone(),
+            layout: self.layout.clone(),
             tenant: id.clone(),
             spec: spec.clone(),
             image: image.clone(),
@@ -845,20 +886,46 @@ pub fn volume_name(prefix: &str, id: &TenantId) -> String {
 }
 
 /// The labels that make an object ours.
-pub fn ownership_labels(prefix: &str, id: &TenantId) -> HashMap<String, String> {
+pub fn ownership_labels(prefix: &str, layout: &str, id: &TenantId) -> HashMap<String, String> {
     HashMap::from([
         (LABEL_MANAGED.to_owned(), "1".to_owned()),
         (LABEL_INSTALLATION.to_owned(), prefix.to_owned()),
+        (LABEL_LAYOUT.to_owned(), layout.to_owned()),
         (LABEL_TENANT.to_owned(), id.to_string()),
     ])
 }
 
-/// True when `labels` say the object belongs to tenant `id` of installation `prefix`.
-pub fn is_owned(labels: Option<&HashMap<String, String>>, prefix: &str, id: &TenantId) -> bool {
+/// True when `labels` say the object belongs to tenant `id` of installation `prefix` in this
+/// layout. Objects made before `io.pgs.layout` existed lack it and still count as ours.
+pub fn is_owned(
+    labels: Option<&HashMap<String, String>>,
+    prefix: &str,
+    layout: &str,
+    id: &TenantId,
+) -> bool {
     let Some(labels) = labels else { return false };
     labels.get(LABEL_MANAGED).map(String::as_str) == Some("1")
         && labels.get(LABEL_INSTALLATION).map(String::as_str) == Some(prefix)
         && labels.get(LABEL_TENANT).map(String::as_str) == Some(id.as_str())
+        && other_layout(labels, layout).is_none()
+}
+
+/// The other layout an object belongs to, if its `io.pgs.layout` names one.
+fn other_layout<'a>(labels: &'a HashMap<String, String>, layout: &str) -> Option<&'a str> {
+    labels
+        .get(LABEL_LAYOUT)
+        .map(String::as_str)
+        .filter(|l| *l != layout)
+}
+
+/// A layout's identity: the absolute directory of its pgs.toml.
+pub fn layout_id(config: &Path) -> String {
+    let config = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_path_buf());
+    config
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .display()
+        .to_string()
 }
 
 fn labelled_tenant(labels: &HashMap<String, String>) -> Option<TenantId> {
@@ -946,6 +1013,7 @@ pub fn init_script_target(index: usize, host: &Path) -> String {
 #[derive(Debug, Clone)]
 struct Blueprint {
     prefix: String,
+    layout: String,
     tenant: TenantId,
     spec: ManagedSpec,
     image: String,
@@ -1018,7 +1086,7 @@ fn container_body(bp: &Blueprint) -> ContainerCreateBody {
         "{:016x}",
         fnv1a64(&serde_json::to_vec(&body).unwrap_or_default())
     );
-    let mut labels = ownership_labels(&bp.prefix, id);
+    let mut labels = ownership_labels(&bp.prefix, &bp.layout, id);
     labels.insert(LABEL_SPEC.to_owned(), spec_label(&bp.spec));
     labels.insert(LABEL_CONFIG.to_owned(), config_hash);
     body.labels = Some(labels);
@@ -1087,7 +1155,23 @@ fn failed(tenant: &TenantId, message: String) -> DriverError {
     }
 }
 
-fn not_ours(id: &TenantId, kind: &str, name: &str, prefix: &str) -> DriverError {
+fn not_ours(
+    id: &TenantId,
+    kind: &str,
+    name: &str,
+    labels: Option<&HashMap<String, String>>,
+    prefix: &str,
+) -> DriverError {
+    if let Some(other) = labels.and_then(|l| l.get(LABEL_LAYOUT)) {
+        return failed(
+            id,
+            format!(
+                "the {kind} {name} belongs to the pgs layout in {other}, which uses the same \
+                 docker.prefix {prefix:?}; pgs never touches another layout's objects: give \
+                 this layout its own [docker] prefix in pgs.toml"
+            ),
+        );
+    }
     failed(
         id,
         format!(
@@ -1112,7 +1196,8 @@ fn is_not_found(e: &EngineError) -> bool {
 fn unavailable(socket: &Path, doing: &str, e: &EngineError) -> DriverError {
     DriverError::Unavailable(format!(
         "docker engine at {}: {doing} failed: {}; is dockerd running? start it with \
-         `scripts/start-dockerd.sh` or `systemctl start docker`",
+         `scripts/start-dockerd.sh` or `systemctl start docker`, or set [docker] socket in \
+         pgs.toml to the engine's socket",
         socket.display(),
         with_causes(e)
     ))
@@ -1158,6 +1243,7 @@ mod tests {
     fn blueprint(spec: ManagedSpec) -> Blueprint {
         Blueprint {
             prefix: "pgs".into(),
+            layout: "/srv/pgs".into(),
             tenant: id("acme"),
             spec,
             image: "pgs/postgres:15".into(),
@@ -1178,17 +1264,37 @@ mod tests {
     }
 
     #[test]
-    fn ownership_needs_all_three_labels() {
-        let labels = ownership_labels("pgs", &id("acme"));
-        assert!(is_owned(Some(&labels), "pgs", &id("acme")));
-        assert!(!is_owned(Some(&labels), "pgs2", &id("acme")));
-        assert!(!is_owned(Some(&labels), "pgs", &id("globex")));
-        assert!(!is_owned(None, "pgs", &id("acme")));
+    fn ownership_needs_all_three_labels_and_no_other_layout() {
+        let labels = ownership_labels("pgs", "/srv/pgs", &id("acme"));
+        let owned = |l: Option<&HashMap<String, String>>, prefix, layout, t| {
+            is_owned(l, prefix, layout, &id(t))
+        };
+        assert!(owned(Some(&labels), "pgs", "/srv/pgs", "acme"));
+        assert!(!owned(Some(&labels), "pgs2", "/srv/pgs", "acme"));
+        assert!(!owned(Some(&labels), "pgs", "/srv/pgs", "globex"));
+        assert!(!owned(None, "pgs", "/srv/pgs", "acme"));
+        // Another layout with the same prefix leaves it alone.
+        assert!(!owned(Some(&labels), "pgs", "/var/lib/pgs-demo", "acme"));
         for key in [LABEL_MANAGED, LABEL_INSTALLATION, LABEL_TENANT] {
             let mut partial = labels.clone();
             partial.remove(key);
-            assert!(!is_owned(Some(&partial), "pgs", &id("acme")), "{key}");
+            assert!(!owned(Some(&partial), "pgs", "/srv/pgs", "acme"), "{key}");
         }
+        // Made before the layout label existed: still ours.
+        let mut legacy = labels.clone();
+        legacy.remove(LABEL_LAYOUT);
+        assert!(owned(Some(&legacy), "pgs", "/srv/pgs", "acme"));
+    }
+
+    #[test]
+    fn a_layout_is_named_by_the_absolute_directory_of_its_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pgs.toml"), "").unwrap();
+        let canonical = std::fs::canonicalize(dir.path()).unwrap();
+        assert_eq!(
+            layout_id(&dir.path().join("pgs.toml")),
+            canonical.display().to_string()
+        );
     }
 
     #[test]
@@ -1317,7 +1423,7 @@ mod tests {
             ]
         );
         let labels = body.labels.clone().unwrap();
-        assert!(is_owned(Some(&labels), "pgs", &id("acme")));
+        assert!(is_owned(Some(&labels), "pgs", "/srv/pgs", &id("acme")));
         assert_eq!(parse_spec_label(&labels[LABEL_SPEC]), Some(spec));
         assert_eq!(body.stop_signal, None, "the image sets it");
         assert_eq!(body.stop_timeout, Some(10));

@@ -49,8 +49,8 @@ pub struct Removed {
 pub enum DriverError {
     #[error("{0}")]
     Unavailable(String),
-    #[error("image {image} is not present: build it with `docker/build-image.sh` (no registry is needed), or set another image")]
-    ImageMissing { image: String },
+    #[error("tenant {tenant}: image {image} is not present on the Docker engine: build it with `docker/build-image.sh` (no registry is needed), or set another image")]
+    ImageMissing { tenant: TenantId, image: String },
     #[error("tenant {tenant}: PostgreSQL did not accept logins within {timeout:?}; see `docker logs {container}`")]
     NotReady {
         tenant: TenantId,
