@@ -309,6 +309,8 @@ pub struct Paths {
     pub pidfile: PathBuf,
     /// Serializes reconcilers (daemon, `sync`) so there is one writer of HAProxy's files.
     pub agent_lock: PathBuf,
+    /// Held by `run` for its whole life: one daemon per layout.
+    pub daemon_lock: PathBuf,
     /// Written after a confirmed reload: the worker pid and the config it loaded.
     pub haproxy_loaded: PathBuf,
     /// Serializes writers of the map files and of HAProxy's runtime maps.
@@ -360,6 +362,7 @@ impl Paths {
                 .unwrap_or_else(|| run_dir.join("master.sock")),
             pidfile: run_dir.join("haproxy.pid"),
             agent_lock: run_dir.join("agent.lock"),
+            daemon_lock: run_dir.join("daemon.lock"),
             maps_lock: run_dir.join("maps.lock"),
             haproxy_loaded: run_dir.join("haproxy.loaded"),
             haproxy_cfg: haproxy_dir.join("pgs.cfg"),

@@ -145,3 +145,45 @@ fn sync_without_haproxy_says_nothing_is_routed_until_it_starts() {
     let map = std::fs::read_to_string(layout.root().join("haproxy/maps/access.map")).unwrap();
     assert!(map.contains("acme enabled"), "{map}");
 }
+
+/// One daemon per layout: a second `run` refuses at once and says why, instead of two agents
+/// racing over the same files.
+#[test]
+fn a_second_run_on_the_same_layout_is_refused() {
+    if !have_tools(&["haproxy"]) {
+        return;
+    }
+    let layout = Layout::init();
+    let first = crate::support::agent::AgentProcess::start(
+        &layout.config,
+        60,
+        &layout.root().join("agent1.log"),
+    );
+    let mut second = std::process::Command::new(crate::support::agent_bin())
+        .args(["-c", layout.config.to_str().unwrap(), "run"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            crate::support::stop_child(
+                &mut second,
+                libc::SIGTERM,
+                std::time::Duration::from_secs(5),
+            );
+            panic!("a second `run` on the same layout kept running");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("already serving this layout"), "{err}");
+    drop(first);
+}

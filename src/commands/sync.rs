@@ -3,11 +3,12 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::daemon::{self, Poke, Timing};
+use crate::fsutil::FileLock;
 use crate::instances::docker::DockerDriver;
 use crate::reconcile::{self, Report, SyncOptions};
 use crate::settings::Agent;
@@ -119,6 +120,16 @@ pub fn print_report(report: &Report, dry_run: bool) {
 }
 
 pub async fn run(agent: &Agent, resync: u64) -> anyhow::Result<ExitCode> {
+    let lock_path = &agent.paths.daemon_lock;
+    let Some(_daemon_lock) = FileLock::try_exclusive(lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?
+    else {
+        bail!(
+            "another `pgs-agent run` is already serving this layout (it holds {}); stop it \
+             first (systemctl stop pgs-agent, or SIGTERM to its pid)",
+            lock_path.display()
+        );
+    };
     let d = driver(agent).await?;
     let (tx, rx) = mpsc::channel(64);
     let _watcher = daemon::watch_tenants_file(&agent.paths.tenants_file, tx.clone())

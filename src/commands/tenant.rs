@@ -56,9 +56,14 @@ async fn create(agent: &Agent, args: CreateArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| agent.settings.docker.default_image.clone());
     if !docker.has_image(&image).await? {
+        let other = if args.image.is_some() {
+            "name an image the engine has (`docker images`)"
+        } else {
+            "pass --image"
+        };
         bail!(
-            "image {image} is not present on the Docker engine; build it with \
-             `docker/build-image.sh` (no registry needed) or pass --image"
+            "image {image} is not present on the Docker engine (pgs never pulls); build \
+             pgs/postgres:15 with `docker/build-image.sh` (no registry needed), or {other}"
         );
     }
     let access = if args.enable {
@@ -110,7 +115,14 @@ async fn delete(agent: &Agent, id: &TenantId, purge: bool) -> anyhow::Result<Exi
         );
     }
     let docker = driver(agent).await?;
-    let report = reconcile::sync(agent, docker.as_ref(), SyncOptions::default()).await?;
+    let mut report = reconcile::sync(agent, docker.as_ref(), SyncOptions::default()).await?;
+    if purge {
+        // The pass keeps volumes; the purge below deletes this one, so say nothing about it.
+        let kept = format!("server removed: {id} (");
+        for line in report.done.iter_mut().filter(|l| l.starts_with(&kept)) {
+            *line = format!("server removed: {id}");
+        }
+    }
     print_report(&report, false);
     let managed = was
         .as_ref()
@@ -134,7 +146,11 @@ async fn delete(agent: &Agent, id: &TenantId, purge: bool) -> anyhow::Result<Exi
             );
         }
     }
-    println!("{id}: deleted");
+    if was.is_some() {
+        println!("{id}: deleted");
+    } else {
+        println!("{id}: was not in the tenants file; only its leftover data was looked for");
+    }
     Ok(if report.errors.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -143,6 +159,8 @@ async fn delete(agent: &Agent, id: &TenantId, purge: bool) -> anyhow::Result<Exi
 }
 
 async fn set_stopped(agent: &Agent, id: &TenantId, stopped: bool) -> anyhow::Result<ExitCode> {
+    // Without an engine nothing can be started or stopped: fail before the file changes.
+    let docker = require_docker(agent).await?;
     {
         let mut edit = TenantsFileEdit::open(&agent.paths.tenants_file)?;
         let t = edit.tenants()?.get(id).cloned().ok_or_else(|| {
@@ -162,7 +180,6 @@ async fn set_stopped(agent: &Agent, id: &TenantId, stopped: bool) -> anyhow::Res
         }
         edit.commit()?;
     }
-    let docker = require_docker(agent).await?;
     let report = reconcile::sync(agent, Some(&docker), SyncOptions::default()).await?;
     print_report(&report, false);
     if !report.errors.is_empty() {
