@@ -11,8 +11,8 @@
 # socket) and every variant, in an order rotating per round. Reports the median TPS, min, max and
 # the ratio to `direct` and to `base` (pgs as rendered).
 #
-# Part 2, where the time goes (PROFILE=1): one P2 run per path (direct unix, direct TCP, static,
-# pgs) with the CPU time of pgbench (bash `times`), PostgreSQL (postmaster and its reaped
+# Part 2, where the time goes (PROFILE=1): ROUNDS rounds of one P2 run per path (direct unix,
+# direct TCP, static, pgs) with the CPU time of pgbench (bash `times`), PostgreSQL (postmaster and its reaped
 # backends), the HAProxy worker and the whole machine (/proc/stat) read before and after: CPU µs
 # per transaction for each. Then one more P2 run over pgs under HAProxy's task profiler
 # (`set profiling tasks on`, `show profiling`) and, if `perf` works here, `perf record -e cpu-clock`
@@ -134,7 +134,8 @@ children_cpu() {
     tail -n1 "$BENCH_RAW/times" | awk '{ split($1, u, /[ms]/); split($2, s, /[ms]/); printf "%.3f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }'
 }
 
-declare -A CPU=()   # path → "tps pgbench postgres haproxy other total" (µs per transaction)
+declare -A CPU=()   # "path column" → values per round; columns: tps, then per transaction: µs of
+                    # pgbench, postgres, haproxy, other, total busy; context switches
 measure_cpu() {  # PATH HOST PORT HAPROXY_MASTER_PID(or "")
     local path=$1 host=$2 port=$3 master=$4 worker="" pm out rc=0
     pm=$(head -n1 "$BENCH_PGDATA/postmaster.pid")
@@ -155,21 +156,30 @@ measure_cpu() {  # PATH HOST PORT HAPROXY_MASTER_PID(or "")
     local n tps
     n=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
     tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$out")
-    CPU[$path]=$(awk -v n="$n" -v tps="$tps" -v hz="$ticks" -v c="$c0 $c1" -v p="$((p1 - p0))" -v h="$((h1 - h0))" -v m="$((m1 - m0))" -v x="$((x1 - x0))" 'BEGIN {
+    local row
+    row=$(awk -v n="$n" -v tps="$tps" -v hz="$ticks" -v c="$c0 $c1" -v p="$((p1 - p0))" -v h="$((h1 - h0))" -v m="$((m1 - m0))" -v x="$((x1 - x0))" 'BEGIN {
         split(c, cc, " "); us = 1e6 / n
         pg = (cc[2] - cc[1]) * us; ps = p / hz * us; hp = h / hz * us; tot = m / hz * us
         printf "%.0f %.1f %.1f %.1f %.1f %.1f %.2f", tps, pg, ps, hp, tot - pg - ps - hp, tot, x / n }')
-    log "cpu $path: tps, then µs per transaction: pgbench postgres haproxy other total, context switches = ${CPU[$path]}"
+    local i=0 v
+    for v in $row; do CPU["$path $i"]+="$v "; i=$((i + 1)); done
+    log "cpu $path: tps, then µs per transaction: pgbench postgres haproxy other total, context switches = $row"
 }
 
 PROFILE_MD=""
 if [ "$PROFILE" = 1 ]; then
     start_variant base
     bench_static_haproxy "$TENANT" "$BENCH_PG_SOCK"
-    measure_cpu direct-unix "$BENCH_PG_DIR" "$BENCH_PG_PORT" ""
-    measure_cpu direct-tcp 127.0.0.1 "$BENCH_PG_PORT" ""
-    measure_cpu static 127.0.0.1 "$STATIC_PORT" "$STATIC_PID"
-    measure_cpu pgs 127.0.0.1 "$BENCH_PORT" "$BENCH_HAPROXY_PID"
+    cpu_paths=(direct-unix direct-tcp static pgs)
+    declare -A CPU_ARGS=([direct-unix]="$BENCH_PG_DIR $BENCH_PG_PORT" [direct-tcp]="127.0.0.1 $BENCH_PG_PORT"
+                         [static]="127.0.0.1 $STATIC_PORT $STATIC_PID" [pgs]="127.0.0.1 $BENCH_PORT $BENCH_HAPROXY_PID")
+    for r in $(seq "$ROUNDS"); do
+        for k in 0 1 2 3; do
+            p=${cpu_paths[$(( (k + r - 1) % 4 ))]}
+            read -r h po m <<<"${CPU_ARGS[$p]}"
+            measure_cpu "$p" "$h" "$po" "${m:-}"
+        done
+    done
 
     # HAProxy's own task profiler over one P2 run through pgs.
     bench_runtime "$BENCH_ADMIN" "set profiling tasks on" >/dev/null
@@ -240,7 +250,8 @@ env=""
         echo
     done
     if [ "$PROFILE" = 1 ]; then
-        echo "Where a P2 transaction's CPU time goes (one $DURATION s run per path, same run; CPU µs per"
+        echo "Where a P2 transaction's CPU time goes (medians of $ROUNDS rounds of one $DURATION s run per path, the order"
+        echo "rotating per round; CPU µs per"
         echo "transaction = the process's utime+stime delta / transactions; PostgreSQL = the postmaster and"
         echo "its reaped backends; \"other\" = the machine's busy time (/proc/stat) minus the three, i.e."
         echo "softirq and everything else; $(nproc) CPUs → at most $(( $(nproc) * 1000000 )) µs per second; context"
@@ -249,8 +260,11 @@ env=""
         echo "| path | TPS | pgbench µs | PostgreSQL µs | HAProxy µs | other µs | total busy µs | context switches |"
         echo "|---|---:|---:|---:|---:|---:|---:|---:|"
         for p in direct-unix direct-tcp static pgs; do
-            read -r tps a b c d e f <<<"${CPU[$p]}"
-            echo "| $p | $tps | $a | $b | $c | $d | $e | $f |"
+            row="| $p"
+            for i in 0 1 2 3 4 5 6; do
+                case $i in 0) row+=" | $(bench_med "${CPU[$p $i]}" 0)" ;; 6) row+=" | $(bench_med "${CPU[$p $i]}" 2)" ;; *) row+=" | $(bench_med "${CPU[$p $i]}")" ;; esac
+            done
+            echo "$row |"
         done
         echo
         echo "HAProxy's task profiler during one P2 run through pgs (\`show profiling\`, tasks part):"
