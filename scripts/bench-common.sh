@@ -330,7 +330,7 @@ bench_preflight() {
     bench_need socat socat
     bench_need /usr/bin/time time
     command -v haproxy >/dev/null || die "haproxy missing (scripts/install-deps.sh installs it)"
-    [ -x "$PGBIN/postgres" ] || die "PostgreSQL 15 missing at $PGBIN"
+    [ -x "$PGBIN/postgres" ] || die "PostgreSQL 15 server missing at $PGBIN (scripts/install-deps.sh --tests installs it)"
     bench_build
     BENCH_RUN_T0=$(date +%s)
     BENCH_CPU0=$(grep '^cpu ' /proc/stat)

@@ -2,14 +2,17 @@
 # The main job on a fresh Debian 12 machine, as root: install what is missing, start a Docker
 # engine, build the agent and the tenant image, create a layout, start HAProxy and
 # `pgs-agent run`, create an enabled demo tenant, and print the psql line.
-# Idempotent: a second run reuses everything that is there.
+# Idempotent: a second run reuses everything that is there, and brings the demo tenant back to
+# started and enabled if you stopped or disabled it. Needs Rust (rustup), see README.md.
 #
 #   scripts/quickstart.sh          set up (or check) and print how to connect
-#   scripts/quickstart.sh stop     stop the agent and HAProxy (tenant containers keep running)
+#   scripts/quickstart.sh stop     stop the agent and HAProxy (tenant containers keep running;
+#                                  run scripts/quickstart.sh again to start them)
 #   scripts/quickstart.sh purge    stop everything and delete the demo layout, containers, volumes
 #
 # Env: PGS_DEMO_DIR (default /var/lib/pgs-demo), PGS_DEMO_LISTEN (default 127.0.0.1:6432),
-#      PGS_DEMO_TENANT (default demo).
+#      PGS_DEMO_TENANT (default demo). Containers are named pgsdemo-<tenant> (the layout's own
+#      docker prefix, so another pgs layout on the same engine never touches them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -60,14 +63,18 @@ step "Docker engine"
 scripts/start-dockerd.sh
 step "tenant image pgs/postgres:15"
 docker/build-image.sh 15
-step "building pgs-agent (release)"
-cargo build --release --locked --quiet
+if [ -x "$agent" ]; then
+    step "building pgs-agent (release; up to date unless the sources changed)"
+else
+    step "building pgs-agent (release; the first build takes 3-4 minutes on 2 cores)"
+fi
+cargo build --release --locked
 
 if [ -f "$cfg" ]; then
     step "layout $dir exists; reusing it"
 else
     step "creating layout $dir"
-    "$agent" init "$dir" --listen "$listen"
+    "$agent" init "$dir" --listen "$listen" --docker-prefix pgsdemo
 fi
 
 step "rendering HAProxy's files"
@@ -93,7 +100,8 @@ else
 fi
 
 if "$agent" -c "$cfg" tenant show "$tenant" >/dev/null 2>&1; then
-    step "tenant $tenant exists"
+    step "tenant $tenant exists; making sure it is started and enabled"
+    "$agent" -c "$cfg" tenant start "$tenant" >/dev/null
     "$agent" -c "$cfg" access enable "$tenant" >/dev/null
 else
     step "creating tenant $tenant (container, volume, wait for logins, backend, access)"

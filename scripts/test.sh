@@ -8,7 +8,7 @@ start=$(date +%s)
 step() { echo "==> [$(( $(date +%s) - start ))s] $*"; }
 
 step "dependencies"
-scripts/install-deps.sh
+scripts/install-deps.sh --tests
 step "Docker engine"
 scripts/start-dockerd.sh
 step "tenant image"
