@@ -263,14 +263,67 @@ impl Settings {
     }
 
     /// The settings file `init` writes: every default spelled out, so it documents itself.
+    /// The settings as `init` writes them: every key with a comment saying what it does, and
+    /// the optional ones that are unset as commented-out examples.
     pub fn to_commented_toml(&self) -> String {
-        let body = toml::to_string(self).unwrap_or_default();
-        format!(
-            "# pgs-agent settings. Relative paths are relative to this file's directory.\n\
-             # Every key is optional; `pgs-agent --help` and README.md explain them.\n{body}"
-        )
+        let value = toml::Value::try_from(self).expect("settings serialize");
+        let table = value.as_table().expect("settings are a table");
+        let mut out = String::from(
+            "# pgs-agent settings. Every key is optional (the value shown is the default unless \
+             you\n# changed it); relative paths hang off this file's directory. After an edit: \
+             `pgs-agent -c\n# <this file> check`, then `systemctl reload pgs-agent` (or SIGHUP) \
+             or `pgs-agent sync`.\n",
+        );
+        let section = |name: &str, t: &toml::Table, out: &mut String| {
+            if !name.is_empty() {
+                out.push_str(&format!("\n[{name}]\n"));
+            }
+            for (_, key, doc, example) in SETTING_DOCS.iter().filter(|d| d.0 == name) {
+                out.push_str(&format!("# {doc}\n"));
+                match t.get(*key) {
+                    Some(v) if !v.is_table() => out.push_str(&format!("{key} = {v}\n")),
+                    _ => out.push_str(&format!("# {key} = {example}\n")),
+                }
+            }
+        };
+        section("", table, &mut out);
+        for name in ["haproxy", "docker", "api"] {
+            let t = table.get(name).and_then(|v| v.as_table()).cloned();
+            section(name, &t.unwrap_or_default(), &mut out);
+        }
+        out
     }
 }
+
+/// (section, key, what it does, example for an unset optional key), in the order `init`
+/// writes them. A unit test checks that every setting is here.
+const SETTING_DOCS: &[(&str, &str, &str, &str)] = &[
+    ("", "tenants_file", "The desired state: tenants and their access (README.md, \"The tenants file\").", ""),
+    ("", "secrets_dir", "Generated secrets (tenant passwords, the API token), mode 0700.", ""),
+    ("", "run_dir", "Sockets, pid files, locks and the tenants' socket directories.", ""),
+    ("", "haproxy_dir", "What the agent renders for HAProxy: pgs.cfg, maps/, pg-route.lua.", ""),
+    ("haproxy", "listen", "Where HAProxy accepts PostgreSQL clients (bind address).", ""),
+    ("haproxy", "binary", "The HAProxy executable (used for `haproxy -c` checks).", ""),
+    ("haproxy", "admin_socket", "Runtime API socket; default run_dir/admin.sock. In fragment mode: the `stats socket ... level admin` of your haproxy.cfg.", "\"/run/haproxy/admin.sock\""),
+    ("haproxy", "master_socket", "Master CLI socket (`haproxy -W -S`), used to reload; default run_dir/master.sock.", "\"/run/haproxy-master.sock\""),
+    ("haproxy", "mode", "\"full\": pgs.cfg is HAProxy's whole config; \"fragment\": only pgs's frontend, backends and Lua, loaded with a second -f beside your haproxy.cfg.", ""),
+    ("haproxy", "startup_timeout", "How long a client may take to send its startup packet.", ""),
+    ("haproxy", "session_timeout", "Idle timeout of an established session, both sides.", ""),
+    ("haproxy", "connect_timeout", "Timeout for connecting to a tenant's server.", ""),
+    ("haproxy", "log", "Argument of HAProxy's global `log` (full mode).", ""),
+    ("haproxy", "maxconn", "Most concurrent client connections.", ""),
+    ("haproxy", "hard_stop_after", "After a reload, old workers still serving sessions stop after this long; unset: when their last session ends.", "\"1h\""),
+    ("haproxy", "threads", "HAProxy's nbthread; unset: one per CPU (BENCHMARKS.md, section 5, measured 1 vs 2).", "1"),
+    ("docker", "socket", "The Docker engine's API socket.", ""),
+    ("docker", "prefix", "Names this layout's containers and volumes (PREFIX-acme); one per layout on an engine.", ""),
+    ("docker", "default_image", "Image of managed tenants that name none (docker/build-image.sh builds it; pgs never pulls).", ""),
+    ("docker", "default_memory", "Memory limit of managed tenants that set none.", ""),
+    ("docker", "default_max_connections", "PostgreSQL max_connections of managed tenants that set none.", ""),
+    ("docker", "pids_limit", "Process limit per tenant container.", ""),
+    ("docker", "ready_timeout_secs", "How long a new or restarted server may take to accept logins, in seconds.", ""),
+    ("api", "listen", "HTTP API of `run`: HOST:PORT (keep it on loopback), a unix socket path, or \"\" for none.", ""),
+    ("api", "max_body_bytes", "Largest request body the API accepts, in bytes.", ""),
+];
 
 /// Accepts what HAProxy's time parser accepts for our uses: digits and an optional unit.
 /// HAProxy keeps timers in signed 32-bit milliseconds (about 24.8 days).
@@ -447,6 +500,33 @@ mod tests {
         let text = s.to_commented_toml();
         assert_eq!(Settings::parse(&text).unwrap(), s);
         assert!(text.contains("listen = \"127.0.0.1:6432\""), "{text}");
+    }
+
+    #[test]
+    fn every_setting_is_documented_in_the_written_file() {
+        let mut s = Settings::default();
+        s.haproxy.admin_socket = Some("/run/a.sock".into());
+        s.haproxy.master_socket = Some("/run/m.sock".into());
+        s.haproxy.hard_stop_after = Some("1h".into());
+        s.haproxy.threads = Some(1);
+        let full = toml::Value::try_from(&s).unwrap();
+        for (name, v) in full.as_table().unwrap() {
+            let keys: Vec<(&str, &str)> = match v.as_table() {
+                Some(t) => t.keys().map(|k| (name.as_str(), k.as_str())).collect(),
+                None => vec![("", name.as_str())],
+            };
+            for (sec, key) in keys {
+                assert!(
+                    SETTING_DOCS.iter().any(|d| d.0 == sec && d.1 == key),
+                    "[{sec}] {key} has no entry in SETTING_DOCS"
+                );
+            }
+        }
+        assert_eq!(Settings::parse(&s.to_commented_toml()).unwrap(), s);
+        // Unset optional keys appear as commented-out examples, and still parse as unset.
+        let text = Settings::default().to_commented_toml();
+        assert!(text.contains("\n# threads = 1\n"), "{text}");
+        assert!(text.contains("\n# admin_socket = "), "{text}");
     }
 
     #[test]
