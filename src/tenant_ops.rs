@@ -107,9 +107,12 @@ pub async fn views(agent: &Agent, docker: Option<&DockerDriver>) -> anyhow::Resu
 
 /// The server's state in one word: `running`, `stopped`, `unhealthy`, `no container`,
 /// `absent`, or `-` for external tenants.
-pub fn server_state(v: &View) -> String {
+/// The server column of `tenant list|show`; `docker_known` is false when the engine did not
+/// answer, so a managed server's state is unknown rather than absent.
+pub fn server_state(v: &View, docker_known: bool) -> String {
     match (&v.server, v.kind) {
         (_, "external") => "-".into(),
+        (None, _) if !docker_known => "unknown".into(),
         (Some(ObservedInstance { state: Some(s), .. }), _) => serde_json::to_value(s)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))

@@ -189,8 +189,20 @@ async fn set_stopped(agent: &Agent, id: &TenantId, stopped: bool) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
+/// The engine for `list`/`show`, or a warning that server states are unknown without it.
+async fn docker_for_views(agent: &Agent) -> Option<DockerDriver> {
+    match require_docker(agent).await {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("warning: server states unknown: {e:#}");
+            None
+        }
+    }
+}
+
 async fn list(agent: &Agent, json: bool) -> anyhow::Result<ExitCode> {
-    let views = views(agent, require_docker(agent).await.ok().as_ref()).await?;
+    let docker = docker_for_views(agent).await;
+    let views = views(agent, docker.as_ref()).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(ExitCode::SUCCESS);
@@ -205,7 +217,7 @@ async fn list(agent: &Agent, json: bool) -> anyhow::Result<ExitCode> {
             v.id.as_str(),
             v.kind,
             v.access.as_str(),
-            server_state(v),
+            server_state(v, docker.is_some()),
             v.address.as_deref().unwrap_or("-")
         );
     }
@@ -216,7 +228,8 @@ async fn list(agent: &Agent, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 async fn show(agent: &Agent, id: &TenantId, json: bool) -> anyhow::Result<ExitCode> {
-    let v = views(agent, require_docker(agent).await.ok().as_ref())
+    let docker = docker_for_views(agent).await;
+    let v = views(agent, docker.as_ref())
         .await?
         .into_iter()
         .find(|v| v.id == *id)
@@ -239,7 +252,7 @@ async fn show(agent: &Agent, id: &TenantId, json: bool) -> anyhow::Result<ExitCo
     );
     println!(
         "server    {}{}",
-        server_state(&v),
+        server_state(&v, docker.is_some()),
         if v.stopped {
             " (stopped on request)"
         } else {
