@@ -148,15 +148,22 @@ pub enum TenantCommand {
     /// Remove a tenant: access off, backend gone, container removed. Its data volume is kept
     /// (its name is printed) unless --purge-data.
     Delete {
+        /// Tenant id.
         id: TenantId,
         /// Also delete the tenant's data volume. This cannot be undone.
         #[arg(long)]
         purge_data: bool,
     },
     /// Start a stopped tenant's server and route to it again.
-    Start { id: TenantId },
+    Start {
+        /// Tenant id.
+        id: TenantId,
+    },
     /// Stop a tenant's server (data kept). New connections are refused while it is stopped.
-    Stop { id: TenantId },
+    Stop {
+        /// Tenant id.
+        id: TenantId,
+    },
     /// List tenants with their access and server state.
     List {
         #[arg(long)]
@@ -164,6 +171,7 @@ pub enum TenantCommand {
     },
     /// One tenant: spec, server state, access, socket. No secrets.
     Show {
+        /// Tenant id.
         id: TenantId,
         #[arg(long)]
         json: bool,
@@ -174,6 +182,7 @@ pub enum TenantCommand {
     /// `--format env` keeps the password off command lines (where `ps` shows it):
     /// `(eval "$(pgs-agent tenant credentials acme --format env)" && psql)`.
     Credentials {
+        /// Tenant id.
         id: TenantId,
         /// uri: a postgresql:// URI; env: `export PGHOST=... PGPASSWORD=...` for a shell to
         /// eval; pgpass: a line for ~/.pgpass (mode 0600).
@@ -192,6 +201,8 @@ pub enum CredentialsFormat {
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
+    /// Tenant id: lowercase letters, digits and `_`, starting with a letter, at most 63; it is
+    /// also the tenant's PostgreSQL user and database name.
     pub id: TenantId,
     /// Open access once the server is ready.
     #[arg(long)]

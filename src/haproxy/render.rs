@@ -205,7 +205,17 @@ pub async fn check(agent: &Agent, tenants: &Tenants) -> Result<(), CheckError> {
         dir: staged.haproxy_dir.clone(),
         source,
     })?;
-    check_file(&agent.settings.haproxy.binary, &staged.haproxy_cfg).await
+    match check_file(&agent.settings.haproxy.binary, &staged.haproxy_cfg).await {
+        Err(CheckError::Rejected { message }) => Err(CheckError::Rejected {
+            message: format!(
+                "{message}\n(the rejected candidate stays in {} for a look; its lines come from \
+                 {} ([haproxy]) and the tenants file)",
+                staged.haproxy_cfg.display(),
+                agent.paths.config.display()
+            ),
+        }),
+        other => other,
+    }
 }
 
 /// Runs `haproxy -c -f cfg` and returns HAProxy's own words when it refuses.
