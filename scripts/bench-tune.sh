@@ -11,10 +11,10 @@
 # socket) and every variant, in an order rotating per round. Reports the median TPS, min, max and
 # the ratio to `direct` and to `base` (pgs as rendered).
 #
-# Part 2, where the time goes (PROFILE=1): ROUNDS rounds of one P2 run per path (direct unix,
-# direct TCP, static, pgs) with the CPU time of pgbench (bash `times`), PostgreSQL (postmaster and its reaped
+# Part 2, where the time goes (PROFILE=1): ROUNDS rounds of one P2 and one P1 run per path (direct
+# unix, direct TCP, static, pgs) with the CPU time of pgbench (bash `times`), PostgreSQL (postmaster and its reaped
 # backends), the HAProxy worker and the whole machine (/proc/stat) read before and after: CPU µs
-# per transaction for each. Then one more P2 run over pgs under HAProxy's task profiler
+# per transaction (P1: per connection) for each. Then one more P2 run over pgs under HAProxy's task profiler
 # (`set profiling tasks on`, `show profiling`) and, if `perf` works here, `perf record -e cpu-clock`
 # on the HAProxy worker (top symbols, kernel vs HAProxy).
 #
@@ -43,6 +43,7 @@ VARIANT_TABLE=(
     "runq8|g:tune.runqueue-depth 8"
     "edge|g:expose-experimental-directives;g:tune.fd.edge-triggered on"
     "smart|f:option tcp-smart-accept;b:option tcp-smart-connect"
+    "smartaccept|f:option tcp-smart-accept"
     "busypoll|g:busy-polling"
     "cpumap|g:cpu-map auto:1/1-2 0-1"
     "nbthread1-cpu0|g:nbthread 1;g:cpu-map 1/1 0"
@@ -123,7 +124,7 @@ for r in $(seq "$ROUNDS"); do
     done
 done
 
-# --- part 2: CPU time per transaction, per process, for one P2 run per path.
+# --- part 2: CPU time per transaction, per process, for one P2 and one P1 run per path.
 ticks=$(getconf CLK_TCK)
 proc_cpu() { awk '{print $14 + $15 + $16 + $17}' "/proc/$1/stat"; }          # PID → ticks incl. reaped children
 machine_busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }  # user nice system irq softirq steal
@@ -134,17 +135,18 @@ children_cpu() {
     tail -n1 "$BENCH_RAW/times" | awk '{ split($1, u, /[ms]/); split($2, s, /[ms]/); printf "%.3f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }'
 }
 
-declare -A CPU=()   # "path column" → values per round; columns: tps, then per transaction: µs of
+declare -A CPU=()   # "mode path column" → values per round; columns: tps, then per transaction: µs of
                     # pgbench, postgres, haproxy, other, total busy; context switches
-measure_cpu() {  # PATH HOST PORT HAPROXY_MASTER_PID(or "")
-    local path=$1 host=$2 port=$3 master=$4 worker="" pm out rc=0
+measure_cpu() {  # MODE PATH HOST PORT HAPROXY_MASTER_PID(or "")
+    local mode=$1 path=$2 host=$3 port=$4 master=$5 worker="" pm out rc=0 reconnect=""
+    [ "$mode" = P1 ] && reconnect=-C
     pm=$(head -n1 "$BENCH_PGDATA/postmaster.pid")
     [ -n "$master" ] && worker=$(worker_pid "$master")
     local c0 p0 h0=0 m0 x0 c1 p1 h1=0 m1 x1
     children_cpu >"$BENCH_RAW/c0"; p0=$(proc_cpu "$pm"); m0=$(machine_busy); x0=$(machine_ctxt)
     [ -n "$worker" ] && h0=$(proc_cpu "$worker")
-    out=$BENCH_RAW/cpu-$path-P2.txt
-    "$PGBIN/pgbench" -S -n -c "$BENCH_CLIENTS" -j "$BENCH_JOBS" -T "$DURATION" -h "$host" -p "$port" >"$out" 2>&1 &
+    out=$BENCH_RAW/cpu-$path-$mode.txt
+    "$PGBIN/pgbench" $reconnect -S -n -c "$BENCH_CLIENTS" -j "$BENCH_JOBS" -T "$DURATION" -h "$host" -p "$port" >"$out" 2>&1 &
     BENCH_CHILD=$!
     wait "$BENCH_CHILD" || rc=$?
     BENCH_CHILD=""
@@ -162,8 +164,8 @@ measure_cpu() {  # PATH HOST PORT HAPROXY_MASTER_PID(or "")
         pg = (cc[2] - cc[1]) * us; ps = p / hz * us; hp = h / hz * us; tot = m / hz * us
         printf "%.0f %.1f %.1f %.1f %.1f %.1f %.2f", tps, pg, ps, hp, tot - pg - ps - hp, tot, x / n }')
     local i=0 v
-    for v in $row; do CPU["$path $i"]+="$v "; i=$((i + 1)); done
-    log "cpu $path: tps, then µs per transaction: pgbench postgres haproxy other total, context switches = $row"
+    for v in $row; do CPU["$mode $path $i"]+="$v "; i=$((i + 1)); done
+    log "cpu $mode $path: tps, then µs per transaction: pgbench postgres haproxy other total, context switches = $row"
 }
 
 PROFILE_MD=""
@@ -177,7 +179,8 @@ if [ "$PROFILE" = 1 ]; then
         for k in 0 1 2 3; do
             p=${cpu_paths[$(( (k + r - 1) % 4 ))]}
             read -r h po m <<<"${CPU_ARGS[$p]}"
-            measure_cpu "$p" "$h" "$po" "${m:-}"
+            measure_cpu P2 "$p" "$h" "$po" "${m:-}"
+            measure_cpu P1 "$p" "$h" "$po" "${m:-}"
         done
     done
 
@@ -250,21 +253,23 @@ env=""
         echo
     done
     if [ "$PROFILE" = 1 ]; then
-        echo "Where a P2 transaction's CPU time goes (medians of $ROUNDS rounds of one $DURATION s run per path, the order"
-        echo "rotating per round; CPU µs per"
-        echo "transaction = the process's utime+stime delta / transactions; PostgreSQL = the postmaster and"
+        echo "Where the CPU time goes (medians of $ROUNDS rounds of one $DURATION s P2 run and one P1 run per path, the"
+        echo "order rotating per round; CPU µs per transaction (P1: per connection, which is one transaction)"
+        echo "= the process's utime+stime delta / transactions; PostgreSQL = the postmaster and"
         echo "its reaped backends; \"other\" = the machine's busy time (/proc/stat) minus the three, i.e."
         echo "softirq and everything else; $(nproc) CPUs → at most $(( $(nproc) * 1000000 )) µs per second; context"
         echo "switches: the machine's, /proc/stat \`ctxt\`, per transaction):"
         echo
-        echo "| path | TPS | pgbench µs | PostgreSQL µs | HAProxy µs | other µs | total busy µs | context switches |"
-        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-        for p in direct-unix direct-tcp static pgs; do
-            row="| $p"
-            for i in 0 1 2 3 4 5 6; do
-                case $i in 0) row+=" | $(bench_med "${CPU[$p $i]}" 0)" ;; 6) row+=" | $(bench_med "${CPU[$p $i]}" 2)" ;; *) row+=" | $(bench_med "${CPU[$p $i]}")" ;; esac
+        echo "| test | path | TPS | pgbench µs | PostgreSQL µs | HAProxy µs | other µs | total busy µs | context switches |"
+        echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+        for mode in P2 P1; do
+            for p in direct-unix direct-tcp static pgs; do
+                row="| $mode | $p"
+                for i in 0 1 2 3 4 5 6; do
+                    case $i in 0) row+=" | $(bench_med "${CPU[$mode $p $i]}" 0)" ;; 6) row+=" | $(bench_med "${CPU[$mode $p $i]}" 2)" ;; *) row+=" | $(bench_med "${CPU[$mode $p $i]}")" ;; esac
+                done
+                echo "$row |"
             done
-            echo "$row |"
         done
         echo
         echo "HAProxy's task profiler during one P2 run through pgs (\`show profiling\`, tasks part):"
