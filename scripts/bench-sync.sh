@@ -6,7 +6,8 @@
 # rendered config. Times `pgs-agent sync` when nothing changed (RUNS times) and checks the master's
 # reload counter (`show proc` on the master CLI) stays put; then adds ADD tenants in one edit
 # and times one sync, which should reload exactly once. Also HAProxy's worker RSS (from /proc)
-# with TENANTS backends (and with none, as a baseline) and the agent's max RSS (/usr/bin/time -v).
+# with TENANTS backends (and with none, as a baseline), the agent's max RSS (/usr/bin/time -v), and
+# the memory of the daemon (`pgs-agent run`, HTTP API on a unix socket) holding TENANTS+ADD tenants.
 #
 #   scripts/bench-sync.sh [--out FILE]     Markdown section to FILE (default stdout)
 #
@@ -41,6 +42,29 @@ bench_tool "$BENCH_DIR/body.md" sync --agent "$BENCH_AGENT" --cfg "$BENCH_CFG" -
     --runs "$RUNS" --baseline-rss "$base_rss"
 body=$(cat "$BENCH_DIR/body.md")
 
+# The daemon with every tenant loaded: its memory once its first pass is done (/readyz answers 200).
+api_sock=$BENCH_DIR/run/api.sock
+sed -i "/^\[api\]/,/^\[/ s|^listen = .*|listen = \"$api_sock\"|" "$BENCH_CFG"
+grep -q "^listen = \"$api_sock\"" "$BENCH_CFG" || die "could not set [api] listen in $BENCH_CFG"
+# The token goes to curl in a header file, never on its command line.
+hdr=$BENCH_DIR/secrets/api-header
+(umask 077 && printf 'Authorization: Bearer %s\n' "$(cat "$BENCH_DIR/secrets/api-token")" >"$hdr")
+t0=$(date +%s%N)
+"$BENCH_AGENT" -c "$BENCH_CFG" run >>"$BENCH_DIR/daemon.log" 2>&1 </dev/null &
+daemon=$!
+BENCH_PIDS+=("$daemon")
+ready=""
+for i in $(seq 300); do
+    if curl -fsS -H "@$hdr" --unix-socket "$api_sock" http://pgs/readyz >/dev/null 2>&1; then ready=$(( ($(date +%s%N) - t0) / 1000000 )); break; fi
+    kill -0 "$daemon" 2>/dev/null || break
+    sleep 0.1
+done
+[ -n "$ready" ] || { tail -n 20 "$BENCH_DIR/daemon.log" >&2; die "the daemon did not become ready"; }
+sleep 5
+daemon_mem=$(awk '/^VmRSS/ {r = $2} /^VmHWM/ {h = $2} END {printf "VmRSS %.1f MiB, VmHWM %.1f MiB", r / 1024, h / 1024}' "/proc/$daemon/status")
+log "daemon with $((TENANTS + ADD)) tenants: ready after $ready ms; $daemon_mem"
+bench_stop_pid "$daemon"
+
 cmd="scripts/bench-sync.sh"
 [ "$TENANTS" = 1000 ] && [ "$ADD" = 100 ] && [ "$RUNS" = 5 ] || cmd="TENANTS=$TENANTS ADD=$ADD RUNS=$RUNS $cmd"
 {
@@ -54,5 +78,7 @@ cmd="scripts/bench-sync.sh"
     echo "  2.6 master-worker started on that config; Docker engine $(docker info >/dev/null 2>&1 && echo running || echo 'not running') (sync observes it; no managed tenants)."
     echo
     echo "$body"
+    echo "- The daemon (\`pgs-agent run\`, HTTP API on a unix socket) with all $((TENANTS + ADD)) tenants: /readyz answered 200"
+    echo "  ${ready} ms after it started (its first pass: nothing to change); 5 s later: $daemon_mem."
 } >"$BENCH_OUT"
 log "done"
