@@ -37,6 +37,8 @@ pub struct Flip {
     pub runtime: RuntimePush,
     /// Sessions ended with `--terminate` (None when not asked).
     pub terminated: Option<bool>,
+    /// The tenant's server is kept stopped (`tenant stop`): not routed whatever its access.
+    pub stopped: bool,
 }
 
 /// Sets `id`'s access in the tenants file and pushes the access map to HAProxy.
@@ -46,7 +48,7 @@ pub async fn set(
     access: Access,
     terminate: bool,
 ) -> anyhow::Result<Flip> {
-    let file_changed = {
+    let (file_changed, stopped) = {
         let mut edit = TenantsFileEdit::open(&agent.paths.tenants_file)?;
         let entry = edit.tenant_mut(id).ok_or_else(|| {
             anyhow!(
@@ -58,13 +60,15 @@ pub async fn set(
             .get("access")
             .and_then(Value::as_str)
             .and_then(Access::parse);
-        if current.unwrap_or_default() == access && current.is_some() {
+        let stopped = entry.get("stopped").and_then(Value::as_bool) == Some(true);
+        let changed = if current.unwrap_or_default() == access && current.is_some() {
             false
         } else {
             entry.insert("access".into(), Value::String(access.to_string()));
             edit.commit()?;
             true
-        }
+        };
+        (changed, stopped)
     };
     let runtime = push_access(agent).await?;
     let terminated = if terminate && access == Access::Disabled {
@@ -78,6 +82,7 @@ pub async fn set(
         file_changed,
         runtime,
         terminated,
+        stopped,
     })
 }
 
@@ -126,9 +131,13 @@ async fn terminate_sessions(agent: &Agent, id: &TenantId) -> anyhow::Result<bool
 pub struct AccessStatus {
     pub tenant: TenantId,
     pub file: Access,
+    /// The server is kept stopped (`tenant stop`), so the maps leave it out whatever `file` says.
+    pub stopped: bool,
     pub map_file: Access,
     /// None when HAProxy is not running.
     pub runtime: Option<Access>,
+    /// The map file and HAProxy say what the file asks for: enabled only when access is
+    /// enabled and the server is not stopped.
     pub agree: bool,
 }
 
@@ -167,12 +176,18 @@ pub async fn status(agent: &Agent, only: Option<&TenantId>) -> anyhow::Result<St
     for t in tenants.iter().filter(|t| only.is_none_or(|o| *o == t.id)) {
         let mf = state(&map_file, &t.id);
         let rt = runtime.as_ref().map(|m| state(m, &t.id));
+        let expected = if t.routable() {
+            Access::Enabled
+        } else {
+            Access::Disabled
+        };
         out.push(AccessStatus {
             tenant: t.id.clone(),
             file: t.access,
+            stopped: t.stopped,
             map_file: mf,
             runtime: rt,
-            agree: mf == t.access && rt.is_none_or(|r| r == t.access),
+            agree: mf == expected && rt.is_none_or(|r| r == expected),
         });
     }
     let unexpected = runtime

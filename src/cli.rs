@@ -131,8 +131,8 @@ pub struct InitArgs {
     pub listen: String,
 
     /// Address (HOST:PORT or a unix socket path) `run` serves the HTTP API on; "" for none.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub api_listen: Option<String>,
+    #[arg(long, value_name = "HOST:PORT", default_value = crate::settings::DEFAULT_API_LISTEN)]
+    pub api_listen: String,
 
     /// Name prefix of this layout's containers and volumes (`PREFIX-acme`). Give every layout
     /// on one Docker engine its own.
@@ -166,6 +166,7 @@ pub enum TenantCommand {
     },
     /// List tenants with their access and server state.
     List {
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
@@ -173,6 +174,7 @@ pub enum TenantCommand {
     Show {
         /// Tenant id.
         id: TenantId,
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },

@@ -13,6 +13,9 @@ pub const DEFAULT_CONFIG: &str = "/etc/pgs/pgs.toml";
 /// so a development layout never fights a local server.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
 
+/// Where `run` serves the HTTP API when the settings do not say: loopback only.
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:6480";
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
@@ -50,7 +53,7 @@ pub struct ApiSettings {
 }
 
 fn d_api_listen() -> String {
-    "127.0.0.1:6480".into()
+    DEFAULT_API_LISTEN.into()
 }
 fn d_api_max_body() -> usize {
     64 * 1024
@@ -472,6 +475,8 @@ fn absolute(p: &Path) -> PathBuf {
 pub struct Agent {
     pub settings: Settings,
     pub paths: Paths,
+    /// The settings file it was loaded from (`-c`).
+    pub config: PathBuf,
 }
 
 impl Agent {
@@ -486,13 +491,38 @@ impl Agent {
         let settings = Settings::parse(&text)
             .with_context(|| format!("agent settings {} are not valid", config.display()))?;
         let paths = Paths::new(config, &settings);
-        Ok(Agent { settings, paths })
+        Ok(Agent {
+            settings,
+            paths,
+            config: config.to_path_buf(),
+        })
+    }
+
+    /// How to invoke the agent on this layout in a hint: `pgs-agent`, plus `-c FILE` unless the
+    /// settings are at the default path.
+    pub fn cli(&self) -> String {
+        if self.config == Path::new(DEFAULT_CONFIG) {
+            "pgs-agent".to_string()
+        } else {
+            format!("pgs-agent -c {}", self.config.display())
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hints_name_the_settings_file_unless_it_is_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("pgs.toml");
+        std::fs::write(&config, Settings::default().to_commented_toml()).unwrap();
+        let mut agent = Agent::load(&config).unwrap();
+        assert_eq!(agent.cli(), format!("pgs-agent -c {}", config.display()));
+        agent.config = PathBuf::from(DEFAULT_CONFIG);
+        assert_eq!(agent.cli(), "pgs-agent");
+    }
 
     #[test]
     fn defaults_round_trip_through_the_written_file() {

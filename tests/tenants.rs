@@ -228,6 +228,14 @@ fn provisioning_errors_are_clear_and_leave_the_file_alone() {
     m.ok(&["tenant", "stop", "acme"]);
     let (ok, _, err) = m.sql("acme", "select 1");
     assert!(!ok && err.contains("not available"), "{err}");
+    // Left out of the maps on purpose: status says why instead of flagging drift, and an
+    // access command points at `tenant start` instead of claiming it routes again.
+    let status = m.ok(&["access", "status", "acme"]);
+    assert!(!status.contains("disagrees"), "{status}");
+    assert!(status.contains("server stopped"), "{status}");
+    let out = m.ok(&["access", "enable", "acme"]);
+    assert!(out.contains("tenant start acme"), "{out}");
+    assert!(!m.sql("acme", "select 1").0);
     m.ok(&["tenant", "start", "acme"]);
     assert!(m.sql("acme", "select 1").0);
 }

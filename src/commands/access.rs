@@ -36,6 +36,13 @@ pub async fn run(agent: &Agent, cmd: AccessCommand) -> anyhow::Result<ExitCode> 
         }
         None => {}
     }
+    if flip.stopped && flip.access == tenants::Access::Enabled {
+        println!(
+            "  server: stopped, so still not routed; `{} tenant start {}` starts it",
+            agent.cli(),
+            flip.tenant
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -56,18 +63,24 @@ async fn access_status(
         "{:<24} {:<9} {:<9} {:<9}",
         "TENANT", "FILE", "MAP FILE", "HAPROXY"
     );
+    let cli = agent.cli();
     for t in &report.tenants {
+        let note = if !t.agree {
+            format!("  <- disagrees; `{cli} sync` (or any `access` command) repairs it")
+        } else if t.stopped && t.file == tenants::Access::Enabled {
+            format!(
+                "  (server stopped: not routed until `{cli} tenant start {}`)",
+                t.tenant
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{:<24} {:<9} {:<9} {:<9}{}",
+            "{:<24} {:<9} {:<9} {:<9}{note}",
             t.tenant.as_str(),
             t.file.as_str(),
             t.map_file.as_str(),
             t.runtime.map_or("-", |a| a.as_str()),
-            if t.agree {
-                ""
-            } else {
-                "  <- disagrees; `pgs-agent access enable|disable` or sync repairs it"
-            }
         );
     }
     for k in &report.unexpected_runtime_entries {

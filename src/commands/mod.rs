@@ -47,9 +47,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
     let mut settings = Settings::default();
     settings.haproxy.listen = args.listen;
-    if let Some(api) = args.api_listen {
-        settings.api.listen = api;
-    }
+    settings.api.listen = args.api_listen;
     settings.docker.prefix = args.docker_prefix;
     settings.check()?;
     let config = layout::init(&args.dir, &settings)?;

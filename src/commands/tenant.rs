@@ -75,8 +75,9 @@ async fn create(agent: &Agent, args: CreateArgs) -> anyhow::Result<ExitCode> {
     match tenant_ops::add(&agent.paths.tenants_file, &id, entry) {
         Ok(_) => {}
         Err(EditError::Exists(_)) => bail!(
-            "tenant \"{id}\" already exists; `pgs-agent tenant show {id}` describes it, \
-             `pgs-agent tenant delete {id}` removes it"
+            "tenant \"{id}\" already exists; `{cli} tenant show {id}` describes it, \
+             `{cli} tenant delete {id}` removes it",
+            cli = agent.cli()
         ),
         Err(e) => return Err(e.into()),
     }
@@ -89,16 +90,18 @@ async fn create(agent: &Agent, args: CreateArgs) -> anyhow::Result<ExitCode> {
     if failed_for(&report, &id) {
         eprintln!(
             "{id} is in the tenants file but not serving; fix the problem above and run \
-             `pgs-agent sync`, or remove it with `pgs-agent tenant delete {id}`"
+             `{cli} sync`, or remove it with `{cli} tenant delete {id}`",
+            cli = agent.cli()
         );
         return Ok(ExitCode::FAILURE);
     }
+    let cli = agent.cli();
     let access = if args.enable {
-        "access enabled"
+        "access enabled".to_string()
     } else {
-        "access disabled (`pgs-agent access enable ...` opens it)"
+        format!("access disabled (`{cli} access enable {id}` opens it)")
     };
-    println!("{id}: ready, {access}; `pgs-agent tenant credentials {id}` prints how to connect");
+    println!("{id}: ready, {access}; `{cli} tenant credentials {id}` prints how to connect");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -140,9 +143,10 @@ async fn delete(agent: &Agent, id: &TenantId, purge: bool) -> anyhow::Result<Exi
             }
         } else {
             println!(
-                "{id}: data volume {} kept; `pgs-agent tenant delete {id} --purge-data` deletes it, \
-                 `pgs-agent tenant create {id}` brings the data back",
-                d.volume_name(id)
+                "{id}: data volume {} kept; `{cli} tenant delete {id} --purge-data` deletes it, \
+                 `{cli} tenant create {id}` brings the data back",
+                d.volume_name(id),
+                cli = agent.cli()
             );
         }
     }
@@ -222,7 +226,7 @@ async fn list(agent: &Agent, json: bool) -> anyhow::Result<ExitCode> {
         );
     }
     if views.is_empty() {
-        println!("(no tenants; `pgs-agent tenant create ID` adds one)");
+        println!("(no tenants; `{} tenant create ID` adds one)", agent.cli());
     }
     Ok(ExitCode::SUCCESS)
 }
