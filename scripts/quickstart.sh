@@ -11,6 +11,7 @@
 #   scripts/quickstart.sh purge    stop everything and delete the demo layout, containers, volumes
 #
 # Env: PGS_DEMO_DIR (default /var/lib/pgs-demo), PGS_DEMO_LISTEN (default 127.0.0.1:6432),
+#      PGS_DEMO_API_LISTEN (the agent's HTTP API, default 127.0.0.1:6480; "" for none),
 #      PGS_DEMO_TENANT (default demo). Containers are named pgsdemo-<tenant> (the layout's own
 #      docker prefix, so another pgs layout on the same engine never touches them).
 set -euo pipefail
@@ -18,6 +19,7 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 dir=${PGS_DEMO_DIR:-/var/lib/pgs-demo}
 listen=${PGS_DEMO_LISTEN:-127.0.0.1:6432}
+api_listen=${PGS_DEMO_API_LISTEN-127.0.0.1:6480}
 tenant=${PGS_DEMO_TENANT:-demo}
 agent=$repo/target/release/pgs-agent
 cfg=$dir/pgs.toml
@@ -74,7 +76,8 @@ if [ -f "$cfg" ]; then
     step "layout $dir exists; reusing it"
 else
     step "creating layout $dir"
-    "$agent" init "$dir" --listen "$listen" --docker-prefix pgsdemo
+    "$agent" init "$dir" --listen "$listen" --api-listen "$api_listen" --docker-prefix pgsdemo
+    step "this script runs those next steps itself"
 fi
 
 step "rendering HAProxy's files"
