@@ -48,7 +48,7 @@ pub async fn set(
     access: Access,
     terminate: bool,
 ) -> anyhow::Result<Flip> {
-    let (file_changed, stopped) = {
+    let file_changed = {
         let mut edit = TenantsFileEdit::open(&agent.paths.tenants_file)?;
         let entry = edit.tenant_mut(id).ok_or_else(|| {
             anyhow!(
@@ -60,17 +60,16 @@ pub async fn set(
             .get("access")
             .and_then(Value::as_str)
             .and_then(Access::parse);
-        let stopped = entry.get("stopped").and_then(Value::as_bool) == Some(true);
-        let changed = if current.unwrap_or_default() == access && current.is_some() {
+        if current.unwrap_or_default() == access && current.is_some() {
             false
         } else {
             entry.insert("access".into(), Value::String(access.to_string()));
             edit.commit()?;
             true
-        };
-        (changed, stopped)
+        }
     };
-    let runtime = push_access(agent).await?;
+    let (tenants, runtime) = push_access(agent).await?;
+    let stopped = tenants.get(id).is_some_and(|t| t.stopped);
     let terminated = if terminate && access == Access::Disabled {
         Some(terminate_sessions(agent, id).await?)
     } else {
@@ -87,9 +86,9 @@ pub async fn set(
 }
 
 /// Writes the access map file from the tenants file as it is now, then makes the running
-/// HAProxy agree. Serialized by the maps lock, and reading the file under it, so concurrent
-/// flips end in the file's final state whatever order they push in.
-pub async fn push_access(agent: &Agent) -> anyhow::Result<RuntimePush> {
+/// HAProxy agree; returns the tenants it pushed. Serialized by the maps lock, and reading the
+/// file under it, so concurrent flips end in the file's final state whatever order they push in.
+pub async fn push_access(agent: &Agent) -> anyhow::Result<(Tenants, RuntimePush)> {
     let _lock = FileLock::exclusive(&agent.paths.maps_lock)
         .with_context(|| format!("cannot lock {}", agent.paths.maps_lock.display()))?;
     let tenants = tenants::load(&agent.paths.tenants_file)?;
@@ -97,16 +96,20 @@ pub async fn push_access(agent: &Agent) -> anyhow::Result<RuntimePush> {
     maps::write_file(&agent.paths.access_map, &want)
         .with_context(|| format!("cannot write {}", agent.paths.access_map.display()))?;
     let api = runtime_api(agent);
-    match maps::sync(&api, &agent.paths.access_map, &want).await {
-        Ok(steps) => Ok(RuntimePush::Applied {
+    let push = match maps::sync(&api, &agent.paths.access_map, &want).await {
+        Ok(steps) => RuntimePush::Applied {
             changes: steps.len(),
-        }),
-        Err(e) if e.is_unreachable() => Ok(RuntimePush::NotRunning {
+        },
+        Err(e) if e.is_unreachable() => RuntimePush::NotRunning {
             reason: e.to_string(),
-        }),
-        Err(e) => Err(e)
-            .context("the tenants file and map file are updated, but HAProxy refused the change"),
-    }
+        },
+        Err(e) => {
+            return Err(e).context(
+                "the tenants file and map file are updated, but HAProxy refused the change",
+            )
+        }
+    };
+    Ok((tenants, push))
 }
 
 fn desired_access(tenants: &Tenants) -> Entries {
@@ -172,15 +175,13 @@ pub async fn status(agent: &Agent, only: Option<&TenantId>) -> anyhow::Result<St
         Some("enabled") => Access::Enabled,
         _ => Access::Disabled,
     };
+    // What `push_access` would write: a stopped tenant is left out whatever its access says.
+    let want = desired_access(&tenants);
     let mut out = Vec::new();
     for t in tenants.iter().filter(|t| only.is_none_or(|o| *o == t.id)) {
         let mf = state(&map_file, &t.id);
         let rt = runtime.as_ref().map(|m| state(m, &t.id));
-        let expected = if t.routable() {
-            Access::Enabled
-        } else {
-            Access::Disabled
-        };
+        let expected = state(&want, &t.id);
         out.push(AccessStatus {
             tenant: t.id.clone(),
             file: t.access,
