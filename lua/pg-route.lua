@@ -4,19 +4,33 @@ pg-route.lua -- pgs tenant routing for HAProxy 2.6 (Lua 5.3), TCP mode.
 Reads the PostgreSQL startup phase of a client connection, picks the tenant
 from the StartupMessage `user`, and lets haproxy.cfg route on it.  Everything
 the client is refused with is a PostgreSQL ErrorResponse (severity FATAL), so
-psql prints "FATAL:  <message>".
+psql prints "FATAL:  <message>".  The wire format (pure, unit-tested under a
+plain lua5.3) lives in pgs_wire.lua, loaded with `require` through the
+`lua-prepend-path` the rendered config sets.
 
 Actions (use in a `mode tcp` frontend with `tcp-request inspect-delay`):
 
-  tcp-request content lua.pgs_route
+  tcp-request content lua.pgs_route <plain|optional|required|inside>
       Reads at most: one SSLRequest, one GSSENCRequest (either order) and then
       one StartupMessage or CancelRequest.  Every message is
       int32 length (big-endian, includes itself) + int32 code + payload.
-      * SSLRequest / GSSENCRequest: the 8 bytes are removed from the request
-        buffer and 'N' (no encryption) is answered; reading continues.
-        Refused (08P01): length != 8, a second request of the same kind, or
-        any byte already pipelined behind it (plaintext injected before the
-        TLS decision, the CVE-2021-23214 class).
+      The argument says what the frontend offers:
+        plain     no TLS: SSLRequest and GSSENCRequest are answered 'N'.
+        optional  TLS terminated by HAProxy: SSLRequest is answered 'S' and
+                  txn.pgs_via=starttls is set; a TLS handshake as the very
+                  first byte (PostgreSQL 17's direct SSL) sets
+                  txn.pgs_via=direct.  The cfg then waits for the whole
+                  ClientHello and loops the stream into the internal TLS
+                  listener, where this action runs again with `inside`.
+                  Plaintext startups are routed (txn.pgs_via=plain).
+        required  as optional, but a plaintext StartupMessage is refused
+                  (28000, encryption required) before any tenant lookup.
+        inside    on the decrypted stream: any SSLRequest or GSSENCRequest
+                  is a protocol violation (08P01).
+      * SSLRequest / GSSENCRequest: refused (08P01) when length != 8, a
+        second request of the same kind, or any byte already pipelined
+        behind it (plaintext injected before the TLS decision, the
+        CVE-2021-23214 class).  GSSENCRequest is always answered 'N'.
       * CancelRequest: not supported; the connection is closed without any
         reply (like the postmaster, which never answers a cancel) and logged.
       * StartupMessage, protocol 3.x: key/value pairs, each NUL-terminated,
@@ -30,13 +44,23 @@ Actions (use in a `mode tcp` frontend with `tcp-request inspect-delay`):
       * Client closed / inspect-delay expired before a full message: no
         reply, logged as client_closed / startup_timeout; returns without
         setting txn.pgs_tenant, so the cfg `reject` rule closes it.
-  tcp-request content lua.pgs_refuse <unknown|disabled>
-      Tenant exists in no map / is not enabled.  The client gets the SAME
-      error for both (28000, tenant "<t>" is not available): no enumeration.
+      HAProxy re-runs the whole `tcp-request content` list while a later rule
+      waits for data (the ClientHello after 'S'), so the action decides once
+      per connection and returns at once when called again.
+  tcp-request content lua.pgs_refuse <unknown|disabled|tls_required|sni_mismatch>
+      unknown, disabled, tls_required: the tenant exists in no map / is not
+      enabled / requires TLS and this session is plaintext.  The client gets
+      the SAME error for all three (28000, tenant "<t>" is not available),
+      with one hint on plaintext sessions where TLS is offered: no
+      enumeration.  sni_mismatch: the TLS server name is in the tenant domain
+      but names another tenant (28000); checked before any map lookup.
 
 Variables:
   txn.pgs_tenant  validated tenant (only set when the startup is acceptable).
   txn.pgs_reason  why the connection was refused (for a log-format).
+  txn.pgs_via     plain | starttls | direct: how the client negotiated, on
+                  the public frontend (for the cfg and the log-format).
+  txn.pgs_hint_tls  set on a plaintext session where TLS is offered.
 
 Every refusal logs one line through the frontend's loggers (txn:log), e.g.
   pgs: refused tenant=acme reason=disabled
@@ -48,100 +72,54 @@ also echoes every Lua log line to its own stderr as
 
 Counters: every refusal is counted in memory, by reason, and for reason
 `disabled` also by tenant (a tenant in the backends map, so the keys stay
-bounded; unknown names never become keys).  `pgs show refused` on the stats
-socket prints them for the agent's /metrics; they restart at 0 on reload.
-They rely on the shared Lua state of `lua-load` (one lock for all threads).
+bounded; unknown names never become keys); every connection on the public
+frontend is counted by how it negotiated (plain, starttls, direct).
+`pgs show refused` and `pgs show negotiations` on the stats socket print
+them for the agent's /metrics; they restart at 0 on reload.  They rely on
+the shared Lua state of `lua-load` (one lock for all threads).
 
-Rules: no I/O at request time, no global mutable state but the refusal
-counters, bounded loops
-(MAX_MESSAGES reads; the startup parser advances >= 2 bytes per pair).
-A Lua runtime error becomes an XX000 ErrorResponse and closes the connection.
-Beware: in HAProxy 2.6 an *uncaught* Lua error in an action just continues
-with the next rule, so txn.pgs_tenant is set as the very last step of
-pgs_route and only for a fully validated startup; the cfg
+Rules: no I/O at request time, no global mutable state but the counters,
+bounded loops (MAX_MESSAGES reads; the startup parser advances >= 2 bytes per
+pair).  A Lua runtime error becomes an XX000 ErrorResponse and closes the
+connection.  Beware: in HAProxy 2.6 an *uncaught* Lua error in an action just
+continues with the next rule, so txn.pgs_tenant is set as the very last step
+of pgs_route and only for a fully validated startup; the cfg
 `reject unless { var(txn.pgs_tenant) -m found }` rule is the backstop.
 ]]
 
-local string_unpack = string.unpack
-local string_pack = string.pack
+local wire = require("pgs_wire")
 
--- Protocol constants (PostgreSQL frontend/backend protocol v3).
-local HEADER_LEN          = 8        -- int32 length + int32 code
-local MIN_MESSAGE_LEN     = 8
-local MAX_MESSAGE_LEN     = 10000    -- PostgreSQL's MAX_STARTUP_PACKET_LENGTH
-local CANCEL_REQUEST_LEN  = 16
-local CODE_CANCEL_REQUEST = 80877102 -- 1234 << 16 | 5678
-local CODE_SSL_REQUEST    = 80877103 -- 1234 << 16 | 5679
-local CODE_GSSENC_REQUEST = 80877104 -- 1234 << 16 | 5680
-local PROTOCOL_MAJOR_3    = 3
-local NO_ENCRYPTION_REPLY = "N"
+local HEADER_LEN = wire.HEADER_LEN
 -- One SSLRequest + one GSSENCRequest + the StartupMessage/CancelRequest.
-local MAX_MESSAGES        = 3
+local MAX_MESSAGES = 3
 
--- SQLSTATEs.
-local SQLSTATE_PROTOCOL_VIOLATION = "08P01"
-local SQLSTATE_INVALID_AUTH_SPEC  = "28000"
-local SQLSTATE_INTERNAL_ERROR     = "XX000"
+local VAR_TENANT   = "txn.pgs_tenant"
+local VAR_REASON   = "txn.pgs_reason"
+local VAR_VIA      = "txn.pgs_via"
+local VAR_HINT_TLS = "txn.pgs_hint_tls"
 
--- Tenant names: lowercase, 1..63 chars (PostgreSQL NAMEDATALEN - 1).
-local TENANT_PATTERN    = "^[a-z][a-z0-9_]*$"
-local TENANT_MAX_LEN    = 63
-local LOG_VALUE_MAX_LEN = 64
-
-local VAR_TENANT = "txn.pgs_tenant"
-local VAR_REASON = "txn.pgs_reason"
+local MODES = { plain = true, optional = true, required = true, inside = true }
 
 local MSG_NOT_AVAILABLE = 'tenant "%s" is not available'
-local MSG_INVALID_USER  = "invalid user name: must be 1 to 63 characters, " ..
-                          "lowercase letters, digits or underscores, " ..
-                          "starting with a letter"
-
----------------------------------------------------------------------------
--- Helpers
----------------------------------------------------------------------------
-
--- Quote client-controlled bytes for a log line: printable ASCII except
--- backslash and double quote is kept, everything else becomes \xNN.
-local function quote_for_log(s)
-    if s == nil then
-        return "-"
-    end
-    local truncated = #s > LOG_VALUE_MAX_LEN
-    if truncated then
-        s = s:sub(1, LOG_VALUE_MAX_LEN)
-    end
-    local escaped = s:gsub("[^%w%-%._~:/@+=,]", function(c)
-        return string.format("\\x%02x", c:byte())
-    end)
-    return '"' .. escaped .. '"' .. (truncated and "..." or "")
-end
-
--- PostgreSQL ErrorResponse: 'E', int32 length, fields S/V/C/M, final NUL.
-local function error_response(sqlstate, message)
-    local body = "SFATAL\0" .. "VFATAL\0" ..
-                 "C" .. sqlstate .. "\0" ..
-                 "M" .. message .. "\0" .. "\0"
-    return "E" .. string_pack(">I4", #body + 4) .. body
-end
-
--- A refusal: what the client is told and what is logged.
-local function refusal(reason, sqlstate, message, tenant, detail)
-    return { reason = reason, sqlstate = sqlstate, message = message,
-             tenant = tenant, detail = detail }
-end
-
-local function protocol_violation(reason, message, detail)
-    return refusal(reason, SQLSTATE_PROTOCOL_VIOLATION, message, nil, detail)
-end
+local HINT_USE_TLS = "A tenant may accept only encrypted connections: " ..
+                     "connect with sslmode=require."
+local MSG_ENCRYPTION_REQUIRED = "encryption required: this server accepts " ..
+                                "only TLS connections (connect with sslmode=require)"
 
 local function internal_error(lua_error)
-    return refusal("internal_error", SQLSTATE_INTERNAL_ERROR,
+    return wire.refusal("internal_error", wire.SQLSTATE_INTERNAL_ERROR,
         "internal error in connection router", nil,
-        "error=" .. quote_for_log(tostring(lua_error)))
+        "error=" .. wire.quote_for_log(tostring(lua_error)))
 end
 
--- Refusal counts, "<tenant|-> <reason>" -> n (see Counters above).
+---------------------------------------------------------------------------
+-- Counters (see Counters above)
+---------------------------------------------------------------------------
+
+-- "<tenant|-> <reason>" -> n
 local refused = {}
+-- "plain" | "starttls" | "direct" -> n
+local negotiations = { plain = 0, starttls = 0, direct = 0 }
 
 -- Log one line for a refusal (tenant is validated, detail already quoted)
 -- and count it.
@@ -162,10 +140,14 @@ local function refuse(txn, r)
     txn:set_var(VAR_REASON, r.reason)
     log_refusal(txn, r)
     if r.sqlstate then
-        txn.res:send(error_response(r.sqlstate, r.message))
+        txn.res:send(wire.error_response(r.sqlstate, r.message, r.hint))
     end
     txn:done()
 end
+
+---------------------------------------------------------------------------
+-- Reading the startup phase
+---------------------------------------------------------------------------
 
 -- Exactly `len` bytes at `offset` of the request's input; waits (yields) for
 -- them.  nil when the client closed or the inspect-delay expired first.
@@ -177,130 +159,101 @@ local function read_exact(txn, offset, len)
     return data
 end
 
----------------------------------------------------------------------------
--- StartupMessage
----------------------------------------------------------------------------
+local ENCRYPTION_REQUESTS = { ssl = "SSL", gssenc = "GSSENC" }
 
--- Parse "key\0value\0...key\0value\0\0" exactly as the postmaster does.
--- Returns a table of parameters, or nil and a refusal.
-local function parse_startup_params(payload)
-    local last = #payload          -- index of the terminating NUL
-    if last == 0 or payload:byte(last) ~= 0 then
-        return nil, protocol_violation("malformed_startup",
-            "invalid startup packet layout: expected terminator as last byte")
+-- Checks an SSLRequest/GSSENCRequest before it is answered.  Returns a
+-- refusal or nil.
+local function check_encryption_request(txn, len, kind, seen, mode)
+    local name = ENCRYPTION_REQUESTS[kind]
+    if mode == "inside" then
+        return wire.protocol_violation(kind .. "_request_inside_tls",
+            "received " .. name .. " request inside an encrypted connection")
     end
-    local params = {}
-    local pos = 1
-    while pos < last do            -- each pair consumes >= 2 bytes
-        local key_end = payload:find("\0", pos, true)
-        if key_end == pos or key_end >= last then
-            return nil, protocol_violation("malformed_startup",
-                "invalid startup packet layout: expected terminator as last byte")
-        end
-        local value_end = payload:find("\0", key_end + 1, true)
-        if value_end >= last then
-            return nil, protocol_violation("malformed_startup",
-                "invalid startup packet layout: expected terminator as last byte")
-        end
-        local key = payload:sub(pos, key_end - 1)
-        if params[key] ~= nil and key == "user" then
-            return nil, protocol_violation("duplicate_user",
-                'invalid startup packet layout: duplicate "user" parameter')
-        end
-        params[key] = payload:sub(key_end + 1, value_end - 1)
-        pos = value_end + 1
+    if len ~= HEADER_LEN then
+        return wire.protocol_violation("bad_length",
+            "invalid length of startup packet", "length=" .. len)
     end
-    return params
+    if seen[kind] then
+        return wire.protocol_violation("duplicate_" .. kind,
+            "duplicate " .. name .. " negotiation request")
+    end
+    -- Nothing may follow before our answer: a client waits for it.
+    if txn.req:input() > HEADER_LEN then
+        return wire.protocol_violation("pipelined_after_" .. kind,
+            "received unencrypted data after " .. name .. " request",
+            "pipelined_bytes=" .. (txn.req:input() - HEADER_LEN))
+    end
+    return nil
 end
 
-local function is_valid_tenant(user)
-    return #user <= TENANT_MAX_LEN and user:find(TENANT_PATTERN) ~= nil
+local function offers_tls(mode)
+    return mode == "optional" or mode == "required"
 end
 
--- Returns the tenant, or nil and a refusal (or nil, nil when incomplete).
-local function handle_startup(txn, len)
+-- Reads the StartupMessage of length `len`.  Returns a decision, or nil and
+-- a refusal (or nil, nil when incomplete).
+local function handle_startup(txn, len, mode)
+    if mode == "required" then
+        negotiations.plain = negotiations.plain + 1
+        return nil, wire.refusal("encryption_required",
+            wire.SQLSTATE_INVALID_AUTH_SPEC, MSG_ENCRYPTION_REQUIRED)
+    end
     local message = read_exact(txn, 0, len)
     if not message then
         return nil, nil
     end
-    local params, err = parse_startup_params(message:sub(HEADER_LEN + 1))
-    if not params then
+    if mode ~= "inside" then
+        negotiations.plain = negotiations.plain + 1
+    end
+    local tenant, err = wire.startup_tenant(message)
+    if not tenant then
         return nil, err
     end
-    local user = params["user"]
-    if user == nil or user == "" then
-        return nil, refusal("missing_user", SQLSTATE_INVALID_AUTH_SPEC,
-            "no PostgreSQL user name specified in startup packet")
-    end
-    if not is_valid_tenant(user) then
-        return nil, refusal("invalid_user", SQLSTATE_INVALID_AUTH_SPEC,
-            MSG_INVALID_USER, nil, "user=" .. quote_for_log(user))
-    end
-    return user
+    return { tenant = tenant, via = (mode ~= "inside") and "plain" or nil }
 end
 
----------------------------------------------------------------------------
--- SSLRequest / GSSENCRequest
----------------------------------------------------------------------------
-
-local ENCRYPTION_REQUESTS = {
-    [CODE_SSL_REQUEST]    = { name = "SSL",    seen_key = "ssl" },
-    [CODE_GSSENC_REQUEST] = { name = "GSSENC", seen_key = "gssenc" },
-}
-
--- Answer 'N' to an encryption request.  Returns a refusal or nil.
-local function handle_encryption_request(txn, len, kind, seen)
-    if len ~= HEADER_LEN then
-        return protocol_violation("bad_length", "invalid length of startup packet",
-            "length=" .. len)
-    end
-    if seen[kind.seen_key] then
-        return protocol_violation("duplicate_" .. kind.seen_key,
-            "duplicate " .. kind.name .. " negotiation request")
-    end
-    -- Nothing may follow before our answer: a client waits for it.
-    if txn.req:input() > HEADER_LEN then
-        return protocol_violation("pipelined_after_" .. kind.seen_key,
-            "received unencrypted data after " .. kind.name .. " request",
-            "pipelined_bytes=" .. (txn.req:input() - HEADER_LEN))
-    end
-    seen[kind.seen_key] = true
-    txn.req:remove(0, HEADER_LEN)
-    txn.res:send(NO_ENCRYPTION_REPLY)
-    return nil
-end
-
----------------------------------------------------------------------------
--- pgs_route
----------------------------------------------------------------------------
-
--- Returns: tenant | nil, refusal | nil, nil (incomplete: let cfg reject).
-local function route(txn)
+-- Returns: a decision {tenant=, via=} | nil, refusal | nil, nil (incomplete:
+-- let the cfg reject).
+local function route(txn, mode)
     local seen = {}
-    for _ = 1, MAX_MESSAGES do
+    for i = 1, MAX_MESSAGES do
         local header = read_exact(txn, 0, HEADER_LEN)
         if not header then
             return nil, nil
         end
-        local len, code = string_unpack(">I4I4", header)
-        if len < MIN_MESSAGE_LEN or len > MAX_MESSAGE_LEN then
-            return nil, protocol_violation("bad_length",
-                "invalid length of startup packet", "length=" .. len)
+        local kind, len, code = wire.classify(header)
+        if kind == "tls" then
+            if offers_tls(mode) and i == 1 then
+                negotiations.direct = negotiations.direct + 1
+                return { via = "direct" }
+            end
+            kind = "bad_length"   -- 0x16 as a length's first byte: > 10000
         end
-        local kind = ENCRYPTION_REQUESTS[code]
-        if kind then
-            local err = handle_encryption_request(txn, len, kind, seen)
+        if kind == "bad_length" then
+            return nil, wire.protocol_violation("bad_length",
+                "invalid length of startup packet", "length=" .. len)
+        elseif kind == "ssl" or kind == "gssenc" then
+            local err = check_encryption_request(txn, len, kind, seen, mode)
             if err then
                 return nil, err
             end
-        elseif code == CODE_CANCEL_REQUEST then
-            local r = refusal("cancel_unsupported", nil, nil, nil,
-                              "length=" .. len)
-            return nil, r
-        elseif (code >> 16) == PROTOCOL_MAJOR_3 then
-            return handle_startup(txn, len)
+            seen[kind] = true
+            txn.req:remove(0, HEADER_LEN)
+            if kind == "ssl" and offers_tls(mode) then
+                -- Sent at once, before any server connection; the client
+                -- starts its TLS handshake on this connection.
+                txn.res:send("S")
+                negotiations.starttls = negotiations.starttls + 1
+                return { via = "starttls" }
+            end
+            txn.res:send("N")
+        elseif kind == "cancel" then
+            return nil, wire.refusal("cancel_unsupported", nil, nil, nil,
+                                     "length=" .. len)
+        elseif kind == "startup" then
+            return handle_startup(txn, len, mode)
         else
-            return nil, protocol_violation("unsupported_protocol",
+            return nil, wire.protocol_violation("unsupported_protocol",
                 string.format("unsupported frontend protocol %d.%d: " ..
                               "server supports 3.0 to 3.0",
                               code >> 16, code & 0xFFFF),
@@ -309,17 +262,37 @@ local function route(txn)
     end
     -- A third message that is neither startup nor cancel is caught above
     -- (duplicate request); this is only reachable if that logic changes.
-    return nil, protocol_violation("too_many_messages",
+    return nil, wire.protocol_violation("too_many_messages",
         "too many startup negotiation messages")
 end
 
-local function pgs_route(txn)
-    local ok, tenant, err = pcall(route, txn)
-    if not ok then
-        return refuse(txn, internal_error(tenant))  -- `tenant` is the error
+-- Whether this connection was decided by an earlier run of the rule list.
+local function decided(txn)
+    return txn:get_var(VAR_TENANT) ~= nil or txn:get_var(VAR_VIA) ~= nil
+        or txn:get_var(VAR_REASON) ~= nil
+end
+
+local function pgs_route(txn, mode)
+    if decided(txn) then
+        return
     end
-    if tenant then
-        txn:set_var(VAR_TENANT, tenant)
+    if not MODES[mode] then
+        return refuse(txn, internal_error("unknown pgs_route mode"))
+    end
+    local ok, decision, err = pcall(route, txn, mode)
+    if not ok then
+        return refuse(txn, internal_error(decision))  -- `decision` is the error
+    end
+    if decision then
+        if decision.via == "plain" and mode == "optional" then
+            txn:set_var(VAR_HINT_TLS, true)
+        end
+        if decision.via then
+            txn:set_var(VAR_VIA, decision.via)
+        end
+        if decision.tenant then
+            txn:set_var(VAR_TENANT, decision.tenant)
+        end
         return
     end
     if err then
@@ -331,7 +304,7 @@ local function pgs_route(txn)
     -- inspect-delay ran out; otherwise the client closed its side.
     local reason = txn.req:may_recv() and "startup_timeout" or "client_closed"
     txn:set_var(VAR_REASON, reason)
-    log_refusal(txn, refusal(reason, nil, nil, nil,
+    log_refusal(txn, wire.refusal(reason, nil, nil, nil,
         "buffered=" .. tostring(txn.req:input())))
 end
 
@@ -339,18 +312,30 @@ end
 -- pgs_refuse <reason>
 ---------------------------------------------------------------------------
 
-local REFUSE_REASONS = { unknown = true, disabled = true }
+-- Refusals that read the same to the client (no enumeration).
+local NOT_AVAILABLE = { unknown = true, disabled = true, tls_required = true }
+
+local MSG_SNI_MISMATCH = "the TLS server name (SNI) names another tenant " ..
+                         "than the user name"
 
 local function tenant_refusal(txn, reason)
     local tenant = txn:get_var(VAR_TENANT)
-    if type(tenant) ~= "string" or not is_valid_tenant(tenant) then
+    if not wire.is_valid_tenant(tenant) then
         tenant = nil    -- cannot happen behind pgs_route; never echo junk
     end
-    if not REFUSE_REASONS[reason] then
+    if reason == "sni_mismatch" then
+        return wire.refusal(reason, wire.SQLSTATE_INVALID_AUTH_SPEC,
+            MSG_SNI_MISMATCH, tenant)
+    end
+    if not NOT_AVAILABLE[reason] then
         reason = "unknown"
     end
-    return refusal(reason, SQLSTATE_INVALID_AUTH_SPEC,
+    local r = wire.refusal(reason, wire.SQLSTATE_INVALID_AUTH_SPEC,
         string.format(MSG_NOT_AVAILABLE, tenant or "?"), tenant)
+    if txn:get_var(VAR_HINT_TLS) then
+        r.hint = HINT_USE_TLS
+    end
+    return r
 end
 
 local function pgs_refuse(txn, reason)
@@ -361,6 +346,10 @@ local function pgs_refuse(txn, reason)
     return refuse(txn, r)
 end
 
+---------------------------------------------------------------------------
+-- Stats socket commands
+---------------------------------------------------------------------------
+
 -- `pgs show refused`: a header line, then "<tenant|-> <reason> <count>" lines.
 local function show_refused(applet)
     applet:send("# pgs refused: tenant reason count\n")
@@ -369,7 +358,18 @@ local function show_refused(applet)
     end
 end
 
+-- `pgs show negotiations`: a header line, then "<via> <count>" lines.
+local function show_negotiations(applet)
+    applet:send("# pgs negotiations: via count\n")
+    for _, via in ipairs({ "plain", "starttls", "direct" }) do
+        applet:send(string.format("%s %d\n", via, negotiations[via]))
+    end
+end
+
 core.register_cli({ "pgs", "show", "refused" },
     "pgs show refused : refused connections by tenant and reason", show_refused)
-core.register_action("pgs_route", { "tcp-req" }, pgs_route, 0)
+core.register_cli({ "pgs", "show", "negotiations" },
+    "pgs show negotiations : new connections by how they negotiated TLS",
+    show_negotiations)
+core.register_action("pgs_route", { "tcp-req" }, pgs_route, 1)
 core.register_action("pgs_refuse", { "tcp-req" }, pgs_refuse, 1)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs, from Debian's packages, what pgs needs on a fresh Debian 12 machine: HAProxy, the
 # PostgreSQL 15 client, the Docker engine and curl; with --tests also the PostgreSQL 15 server
-# binaries the test suite runs. Checks the Rust toolchain first (Debian 12's rustc is too old;
-# rustup's is needed). Idempotent: installs only what is missing. Run as root.
+# binaries, lua5.3, openssl and a venv with psycopg (libpq >= 17) the test suite runs. Checks
+# the Rust toolchain first (Debian 12's rustc is too old; rustup's is needed). Idempotent:
+# installs only what is missing. Run as root.
 #
 #   scripts/install-deps.sh [--tests]
 #
@@ -41,11 +42,28 @@ command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client-15)
 if [ "$tests" = 1 ]; then
     [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
+    command -v lua5.3 >/dev/null 2>&1 || need+=(lua5.3)
+    command -v openssl >/dev/null 2>&1 || need+=(openssl)
+    command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+    /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 fi
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 
+# The tests' libpq >= 17 client (direct SSL): psycopg's binary wheel bundles libpq 18, in a
+# venv of Debian's python3. PGS_TEST_VENV moves it; the tests read PGS_TEST_PYTHON.
+venv=${PGS_TEST_VENV:-/opt/pgs-test-venv}
+make_venv() {
+    [ "$tests" = 1 ] || return 0
+    if ! "$venv/bin/python" -c 'import psycopg; assert psycopg.pq.version() >= 170000' >/dev/null 2>&1; then
+        echo "install-deps: creating $venv with psycopg[binary] (libpq >= 17) from PyPI"
+        /usr/bin/python3 -m venv --clear "$venv"
+        "$venv/bin/pip" install -q --disable-pip-version-check "psycopg[binary]>=3.2"
+    fi
+}
+
 if [ ${#need[@]} -eq 0 ]; then
+    make_venv
     echo "install-deps: everything is installed (rustc $have)"
     exit 0
 fi
@@ -57,4 +75,5 @@ echo "install-deps: installing ${need[*]} (apt-get; a minute or two on a fresh m
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+make_venv
 echo "install-deps: done"

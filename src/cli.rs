@@ -92,6 +92,22 @@ pub enum Command {
     /// running HAProxy (Runtime API, no reload) change together.
     #[command(subcommand)]
     Access(AccessCommand),
+
+    /// TLS to clients: the certificates HAProxy serves ([tls] in the settings).
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Each certificate file: subject, names, expiry, and whether the running HAProxy serves
+    /// exactly it. A renewed file is served within seconds by `run` (it watches the directory),
+    /// or by the next `sync`, without a reload.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,6 +154,23 @@ pub struct InitArgs {
     /// on one Docker engine its own.
     #[arg(long, value_name = "NAME", default_value = "pgs")]
     pub docker_prefix: String,
+
+    /// Turn on TLS to clients: a PEM file with the certificate chain and its private key (as
+    /// HAProxy reads it, e.g. `cat fullchain.pem privkey.pem`). It is copied into DIR/tls/
+    /// (mode 0600) and served to clients that ask with `sslmode=require` or PostgreSQL 17's
+    /// direct SSL.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// With --tls-cert: the tenant domain. A client whose SNI ends in .DOMAIN must name its own
+    /// tenant there (host acme.DOMAIN for user acme); SNI is never required.
+    #[arg(long, value_name = "DOMAIN", requires = "tls_cert")]
+    pub tls_domain: Option<String>,
+
+    /// With --tls-cert: `optional` (plaintext and TLS) or `required` (plaintext startups are
+    /// refused with a FATAL that says to use TLS).
+    #[arg(long, value_name = "MODE", requires = "tls_cert", default_value = "optional", value_parser = ["optional", "required"])]
+    pub tls_mode: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -21,6 +21,7 @@ pub enum Poke {
     Signal,
     Docker(String),
     Api,
+    CertificatesChanged,
 }
 
 /// Loop timing.
@@ -150,6 +151,23 @@ pub fn watch_tenants_file(
         }
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}
+
+/// Watches the certificates directory and pokes on any change of a file in it (a renewal
+/// written in place or by rename, a new file); the pass pushes what changed to HAProxy.
+pub fn watch_certificates(
+    dir: &Path,
+    pokes: mpsc::Sender<Poke>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if !event.kind.is_access() {
+            let _ = pokes.try_send(Poke::CertificatesChanged);
+        }
+    })?;
+    watcher.watch(dir, RecursiveMode::NonRecursive)?;
     Ok(watcher)
 }
 

@@ -18,6 +18,7 @@
 //!   (`maps`), Runtime API (`runtime`), master CLI (`master`).
 //! - `instances` — drivers that run managed tenants' servers (`docker`).
 //! - `fsutil`    — atomic writes and file locks.
+//! - `tls`       — certificates HAProxy serves to clients: files, status, pushes without reload.
 
 pub mod access;
 pub mod api;
@@ -34,3 +35,4 @@ pub mod reconcile;
 pub mod settings;
 pub mod tenant_ops;
 pub mod tenants;
+pub mod tls;

@@ -15,11 +15,12 @@ use crate::fsutil::{self, FileLock};
 use crate::haproxy::maps::{self, Entries};
 use crate::haproxy::master::MasterCli;
 use crate::haproxy::render::{self, Rendered};
-use crate::haproxy::runtime::Info;
+use crate::haproxy::runtime::{Info, RuntimeApi};
 use crate::instances::{InstanceDriver, ObservedInstance};
 use crate::plan::{self, Desired, InstanceStep, MapStep, Observed, Plan};
 use crate::settings::Agent;
 use crate::tenants::{self, Instance, TenantId, Tenants};
+use crate::tls;
 
 /// How long a reload may take before it counts as failed.
 const RELOAD_DEADLINE: Duration = Duration::from_secs(20);
@@ -340,7 +341,13 @@ async fn apply<D: InstanceDriver>(
     }
     drop(maps_lock);
 
-    // 5. Containers of tenants that went away: after their backend is gone. Volumes stay.
+    // 5. Certificates: a renewed or new file in the certificates directory is served without a
+    // reload (a reload above already read them all).
+    if observed.haproxy_running && !report.reloaded {
+        push_certificates(agent, &api, report).await;
+    }
+
+    // 6. Containers of tenants that went away: after their backend is gone. Volumes stay.
     if let Some(d) = driver {
         for step in plan
             .instances
@@ -355,6 +362,38 @@ async fn apply<D: InstanceDriver>(
                 )),
                 Err(e) => report.errors.push(e.to_string()),
             }
+        }
+    }
+}
+
+/// Hands every certificate file HAProxy does not serve yet (renewed or new) to it.
+async fn push_certificates(agent: &Agent, api: &RuntimeApi, report: &mut Report) {
+    if agent.settings.tls.is_none() {
+        return;
+    }
+    let dir = &agent.paths.tls_dir;
+    let files = match tls::served_files(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            report.errors.push(format!(
+                "cannot read the certificates directory {}: {e}",
+                dir.display()
+            ));
+            return;
+        }
+    };
+    for file in files {
+        match tls::push(api, dir, &file).await {
+            Ok(tls::Pushed::Unchanged) => {}
+            Ok(tls::Pushed::Renewed { serial }) => report.done.push(format!(
+                "certificate renewed: {} (serial {serial})",
+                file.display()
+            )),
+            Ok(tls::Pushed::Added { serial }) => report.done.push(format!(
+                "certificate added: {} (serial {serial})",
+                file.display()
+            )),
+            Err(e) => report.errors.push(e.to_string()),
         }
     }
 }
@@ -415,10 +454,16 @@ impl Snapshot {
     fn take(agent: &Agent) -> Snapshot {
         let p = &agent.paths;
         Snapshot(
-            [&p.haproxy_cfg, &p.backends_map, &p.access_map, &p.lua]
-                .into_iter()
-                .map(|f| (f.clone(), std::fs::read(f).ok()))
-                .collect(),
+            [
+                &p.haproxy_cfg,
+                &p.backends_map,
+                &p.access_map,
+                &p.lua,
+                &p.lua_wire,
+            ]
+            .into_iter()
+            .map(|f| (f.clone(), std::fs::read(f).ok()))
+            .collect(),
         )
     }
 

@@ -37,6 +37,61 @@ pub struct Settings {
     pub docker: DockerSettings,
     #[serde(default)]
     pub api: ApiSettings,
+    /// TLS to clients, terminated by HAProxy; absent means plaintext only (SSLRequest → 'N').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSettings>,
+}
+
+/// TLS to clients: HAProxy terminates it (classic SSLRequest and PostgreSQL 17's direct SSL) on
+/// an internal listener the public frontend loops into.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// Directory of PEM files (certificate chain and key in one file). Every file is served;
+    /// the first in alphabetical order is the default for clients that send no SNI.
+    #[serde(default = "d_tls_certificates")]
+    pub certificates: PathBuf,
+    /// `optional`: plaintext and TLS clients alike; `required`: plaintext startups are refused.
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// Tenant domain: a client whose SNI ends in `.DOMAIN` must name its own tenant in the
+    /// SNI's first label (`acme.DOMAIN` for user `acme`). SNI is never required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// Owner of the internal TLS sockets, when HAProxy drops privileges (`user` in its global
+    /// section, e.g. Debian's `haproxy`): the worker must be able to connect to them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_user: Option<String>,
+    /// Group of the internal TLS sockets (with `socket_user`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    #[default]
+    Optional,
+    Required,
+}
+
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Optional => "optional",
+            TlsMode::Required => "required",
+        }
+    }
+}
+
+fn d_tls_certificates() -> PathBuf {
+    "tls".into()
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
 }
 
 /// The HTTP API that `run` serves.
@@ -262,6 +317,9 @@ impl Settings {
         }
         crate::tenants::parse_size(&d.default_memory)
             .map_err(|e| anyhow::anyhow!("docker.default_memory: {e}"))?;
+        if let Some(tls) = &self.tls {
+            tls.check()?;
+        }
         Ok(())
     }
 
@@ -293,6 +351,23 @@ impl Settings {
         for name in ["haproxy", "docker", "api"] {
             let t = table.get(name).and_then(|v| v.as_table()).cloned();
             section(name, &t.unwrap_or_default(), &mut out);
+        }
+        match table.get("tls").and_then(|v| v.as_table()) {
+            Some(t) => section("tls", t, &mut out),
+            None => {
+                // Off: the whole section as a commented-out example.
+                let mut example = String::new();
+                let t = toml::Value::try_from(TlsSettings::default()).expect("tls serializes");
+                section("tls", t.as_table().expect("a table"), &mut example);
+                out.push_str("\n# TLS to clients is off. To turn it on, uncomment [tls], put a PEM (chain and key)\n# in the certificates directory and run `render` (README.md, \"TLS\").\n");
+                for line in example.lines().filter(|l| !l.is_empty()) {
+                    if line.starts_with("# ") {
+                        out.push_str(&format!("{line}\n"));
+                    } else {
+                        out.push_str(&format!("# {line}\n"));
+                    }
+                }
+            }
         }
         out
     }
@@ -326,7 +401,51 @@ const SETTING_DOCS: &[(&str, &str, &str, &str)] = &[
     ("docker", "ready_timeout_secs", "How long a new or restarted server may take to accept logins, in seconds.", ""),
     ("api", "listen", "HTTP API of `run`: HOST:PORT (keep it on loopback), a unix socket path, or \"\" for none.", ""),
     ("api", "max_body_bytes", "Largest request body the API accepts, in bytes.", ""),
+    ("tls", "certificates", "Directory of PEM files (chain and key in one file), all served; the first alphabetically is the default without SNI. Renewed files are picked up without a reload.", ""),
+    ("tls", "mode", "\"optional\": plaintext and TLS clients; \"required\": plaintext startups are refused with a FATAL that says to use TLS.", ""),
+    ("tls", "domain", "Tenant domain: an SNI ending in .DOMAIN must name the user's tenant in its first label (acme.DOMAIN); SNI is never required.", "\"db.example.com\""),
+    ("tls", "socket_user", "Owner of the internal TLS sockets when HAProxy drops privileges (`user` in its global section).", "\"haproxy\""),
+    ("tls", "socket_group", "Group of the internal TLS sockets.", "\"haproxy\""),
 ];
+
+impl TlsSettings {
+    /// Rejects values HAProxy would misread.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if let Some(d) = &self.domain {
+            let ok = !d.is_empty()
+                && d.len() <= 253
+                && !d.starts_with(['.', '-'])
+                && !d.ends_with('.')
+                && !d.contains("..")
+                && d.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-');
+            if !ok {
+                bail!(
+                    "tls.domain = {d:?} is not a lowercase DNS name like \"db.example.com\" \
+                     (no leading dot, no wildcard)"
+                );
+            }
+        }
+        for (key, v) in [
+            ("tls.socket_user", &self.socket_user),
+            ("tls.socket_group", &self.socket_group),
+        ] {
+            if let Some(v) = v {
+                let ok = !v.is_empty()
+                    && v.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+                if !ok {
+                    bail!("{key} = {v:?} is not a user or group name");
+                }
+            }
+        }
+        let p = self.certificates.to_string_lossy();
+        if p.is_empty() || p.chars().any(|c| c.is_whitespace() || c == '#') {
+            bail!("tls.certificates = {p:?} must be a directory path without spaces or '#'");
+        }
+        Ok(())
+    }
+}
 
 /// Accepts what HAProxy's time parser accepts for our uses: digits and an optional unit.
 /// HAProxy keeps timers in signed 32-bit milliseconds (about 24.8 days).
@@ -377,8 +496,16 @@ pub struct Paths {
     pub backends_map: PathBuf,
     pub access_map: PathBuf,
     pub lua: PathBuf,
+    /// The router's wire-format module, loaded by `require` from `haproxy_dir`.
+    pub lua_wire: PathBuf,
     /// Candidate files are rendered and checked here before the real ones are replaced.
     pub staging_dir: PathBuf,
+    /// The certificates HAProxy serves to TLS clients (`[tls] certificates`).
+    pub tls_dir: PathBuf,
+    /// Internal TLS listener for clients that asked with an SSLRequest (mode 600).
+    pub tls_socket: PathBuf,
+    /// Internal TLS listener for direct TLS (PostgreSQL 17+, ALPN `postgresql`) (mode 600).
+    pub tls_direct_socket: PathBuf,
 }
 
 impl Paths {
@@ -425,7 +552,11 @@ impl Paths {
             backends_map: maps_dir.join("backends.map"),
             access_map: maps_dir.join("access.map"),
             lua: haproxy_dir.join("pg-route.lua"),
+            lua_wire: haproxy_dir.join("pgs_wire.lua"),
             staging_dir: haproxy_dir.join(".staging"),
+            tls_dir: at(&s.tls.clone().unwrap_or_default().certificates),
+            tls_socket: run_dir.join("tls.sock"),
+            tls_direct_socket: run_dir.join("tls-direct.sock"),
             maps_dir,
             haproxy_dir,
             run_dir,
@@ -453,6 +584,7 @@ impl Paths {
             backends_map: maps_dir.join("backends.map"),
             access_map: maps_dir.join("access.map"),
             lua: dir.join("pg-route.lua"),
+            lua_wire: dir.join("pgs_wire.lua"),
             staging_dir: dir.join(".staging"),
             maps_dir,
             ..self.clone()

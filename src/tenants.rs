@@ -228,6 +228,18 @@ pub struct Tenant {
     pub instance: Instance,
     /// A managed tenant whose server is kept stopped (`tenant stop`); it is not routable.
     pub stopped: bool,
+    /// Whether plaintext sessions may reach it.
+    pub tls: TenantTls,
+}
+
+/// A tenant's TLS policy (`"tls"` in the tenants file). `required` refuses plaintext sessions
+/// with the same message an unknown tenant gets, so the policy tells outsiders nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantTls {
+    #[default]
+    Optional,
+    Required,
 }
 
 impl Tenant {
@@ -355,7 +367,7 @@ pub fn validate(doc: &Value) -> Result<Tenants, Vec<Problem>> {
                         }
                     };
                     let tenant = v.tenant(spec, &place);
-                    if let (Some(id), Some((access, instance, stopped))) = (id, tenant) {
+                    if let (Some(id), Some((access, instance, stopped, tls))) = (id, tenant) {
                         tenants.insert(
                             id.clone(),
                             Tenant {
@@ -363,6 +375,7 @@ pub fn validate(doc: &Value) -> Result<Tenants, Vec<Problem>> {
                                 access,
                                 instance,
                                 stopped,
+                                tls,
                             },
                         );
                     }
@@ -419,9 +432,25 @@ impl Validator {
         }
     }
 
-    fn tenant(&mut self, spec: &Value, place: &str) -> Option<(Access, Instance, bool)> {
+    fn tenant(&mut self, spec: &Value, place: &str) -> Option<(Access, Instance, bool, TenantTls)> {
         let obj = self.object(spec, place)?;
-        self.known_keys(obj, place, &["access", "external", "managed", "stopped"]);
+        self.known_keys(
+            obj,
+            place,
+            &["access", "external", "managed", "stopped", "tls"],
+        );
+        let tls = match obj.get("tls") {
+            None => Some(TenantTls::default()),
+            Some(Value::String(s)) if s == "optional" => Some(TenantTls::Optional),
+            Some(Value::String(s)) if s == "required" => Some(TenantTls::Required),
+            Some(other) => {
+                self.problem(
+                    &join(place, "tls"),
+                    format!("expected \"optional\" or \"required\", found {other}"),
+                );
+                None
+            }
+        };
         let stopped = match obj.get("stopped") {
             None => Some(false),
             Some(Value::Bool(b)) if !*b || obj.contains_key("managed") => Some(*b),
@@ -466,7 +495,7 @@ impl Validator {
             (Some(ext), None) => self.external(ext, &join(place, "external")),
             (None, Some(m)) => self.managed(m, &join(place, "managed")),
         };
-        Some((access?, instance?, stopped?))
+        Some((access?, instance?, stopped?, tls?))
     }
 
     fn external(&mut self, value: &Value, place: &str) -> Option<Instance> {

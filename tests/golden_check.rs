@@ -1,12 +1,13 @@
 //! Every golden config (tests/golden/*.cfg, checked by the render unit tests) is also accepted
 //! by the real `haproxy -c`, with its paths moved into a temp dir.
 
+use crate::support::tls::TestCerts;
 use crate::support::{have_tools, temp_dir};
 use std::process::Command;
 
 #[test]
 fn golden_configs_pass_haproxy_check() {
-    if !have_tools(&["haproxy"]) {
+    if !have_tools(&["haproxy", "openssl"]) {
         return;
     }
     let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
@@ -31,6 +32,17 @@ fn golden_configs_pass_haproxy_check() {
             include_str!("../lua/pg-route.lua"),
         )
         .unwrap();
+        std::fs::write(
+            dir.path().join("haproxy/pgs_wire.lua"),
+            include_str!("../lua/pgs_wire.lua"),
+        )
+        .unwrap();
+        if text.contains("ssl crt ") {
+            // The TLS golden serves the certificates directory: give it one.
+            let certs = TestCerts::new(dir.path());
+            std::fs::create_dir_all(dir.path().join("tls")).unwrap();
+            std::fs::copy(&certs.server_pem, dir.path().join("tls/server.pem")).unwrap();
+        }
         let pgs_cfg = dir.path().join("pgs.cfg");
         std::fs::write(&pgs_cfg, &text).unwrap();
         let mut files = vec![pgs_cfg];
@@ -54,5 +66,5 @@ fn golden_configs_pass_haproxy_check() {
         );
         checked += 1;
     }
-    assert!(checked >= 3, "expected the golden configs, found {checked}");
+    assert!(checked >= 4, "expected the golden configs, found {checked}");
 }

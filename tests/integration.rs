@@ -16,6 +16,8 @@ mod daemon;
 mod golden_check;
 #[path = "instances.rs"]
 mod instances;
+#[path = "lua.rs"]
+mod lua;
 #[path = "protocol.rs"]
 mod protocol;
 #[path = "routing.rs"]
@@ -24,3 +26,5 @@ mod routing;
 mod runtime_api;
 #[path = "tenants.rs"]
 mod tenants;
+#[path = "tls.rs"]
+mod tls;

@@ -161,6 +161,10 @@ pub struct Sample {
     pub stats: Option<Vec<StatRow>>,
     /// (tenant or "-", reason) → count from `pgs show refused`; `None` when unavailable.
     pub refused: Option<BTreeMap<(String, String), u64>>,
+    /// How new connections negotiated (plain, starttls, direct) from `pgs show negotiations`.
+    pub negotiations: Option<BTreeMap<String, u64>>,
+    /// The certificates directory, when TLS is on.
+    pub certificates: Option<Vec<crate::tls::CertStatus>>,
     pub haproxy_up: bool,
     pub docker_up: Option<bool>,
 }
@@ -173,6 +177,17 @@ pub fn parse_refused(body: &str) -> BTreeMap<(String, String), u64> {
             let mut f = l.split_whitespace();
             let (t, r, n) = (f.next()?, f.next()?, f.next()?.parse().ok()?);
             Some(((t.to_owned(), r.to_owned()), n))
+        })
+        .collect()
+}
+
+/// Parses the reply of `pgs show negotiations` (lines `<via> <count>`).
+pub fn parse_negotiations(body: &str) -> BTreeMap<String, u64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.to_owned(), f.next()?.parse().ok()?))
         })
         .collect()
 }
@@ -315,6 +330,44 @@ pub fn render(agent: &AgentMetrics, sample: &Sample) -> Result<String, std::fmt:
         );
     }
 
+    if let Some(n) = &sample.negotiations {
+        let by: Family<Labels, Counter> = Family::default();
+        for (via, count) in n {
+            by.get_or_create(&labels(&[("via", via)])).inc_by(*count);
+        }
+        r.register(
+            "connections_by_negotiation",
+            "New client connections on the public port by how they negotiated: plain (no TLS), starttls (SSLRequest), direct (PostgreSQL 17 direct SSL), since HAProxy's last reload",
+            by,
+        );
+    }
+
+    if let Some(certs) = &sample.certificates {
+        let expiry: Family<Labels, Gauge> = Family::default();
+        let served: Family<Labels, Gauge> = Family::default();
+        for c in certs {
+            let file = c.file.display().to_string();
+            let l = labels(&[("file", &file)]);
+            if let Some(secs) = c.expires_in_secs {
+                expiry.get_or_create(&l).set(secs);
+            }
+            if let Some(ok) = c.in_sync {
+                served.get_or_create(&l).set(ok as i64);
+            }
+        }
+        r.register_with_unit(
+            "tls_certificate_expiry",
+            "Seconds until the certificate in this file expires (negative once expired)",
+            Unit::Seconds,
+            expiry,
+        );
+        r.register(
+            "tls_certificate_served",
+            "1 when the running HAProxy serves exactly this file's certificate",
+            served,
+        );
+    }
+
     let mut out = String::new();
     encode(&mut out, &r)?;
     Ok(out)
@@ -390,6 +443,17 @@ mod tests {
             refused: Some(parse_refused(
                 "# pgs refused: tenant reason count\nglobex disabled 3\n- unknown 5\n",
             )),
+            negotiations: Some(parse_negotiations(
+                "# pgs negotiations: via count\nplain 4\nstarttls 2\ndirect 1\n",
+            )),
+            certificates: Some(vec![crate::tls::CertStatus {
+                file: "/srv/pgs/tls/db.pem".into(),
+                certificate: None,
+                problem: None,
+                expires_in_secs: Some(86_400),
+                served: None,
+                in_sync: Some(true),
+            }]),
             haproxy_up: true,
             docker_up: Some(true),
         };
@@ -412,6 +476,10 @@ mod tests {
             "pgs_tenant_refused_connections_total{tenant=\"acme\",reason=\"disabled\"} 0",
             "pgs_refused_connections_total{reason=\"unknown\"} 5",
             "pgs_haproxy_up 1",
+            "pgs_connections_by_negotiation_total{via=\"direct\"} 1",
+            "pgs_connections_by_negotiation_total{via=\"plain\"} 4",
+            "pgs_tls_certificate_expiry_seconds{file=\"/srv/pgs/tls/db.pem\"} 86400",
+            "pgs_tls_certificate_served{file=\"/srv/pgs/tls/db.pem\"} 1",
             "# EOF",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");

@@ -493,6 +493,20 @@ async fn metrics(state: &State) -> Result<Resp, ApiError> {
         .await
         .ok()
         .map(|body| metrics::parse_refused(&body));
+    let negotiations = api
+        .execute(&Command::ShowPgsNegotiations)
+        .await
+        .ok()
+        .map(|body| metrics::parse_negotiations(&body));
+    let certificates = match &state.agent.settings.tls {
+        Some(_) => {
+            let reach = stats.is_some().then_some(&api);
+            crate::tls::status(&state.agent.paths.tls_dir, reach)
+                .await
+                .ok()
+        }
+        None => None,
+    };
     let docker_up = match &state.docker {
         Some(d) => Some(d.ping().await.is_ok()),
         None => None,
@@ -504,6 +518,8 @@ async fn metrics(state: &State) -> Result<Resp, ApiError> {
         haproxy_up: stats.is_some(),
         stats,
         refused,
+        negotiations,
+        certificates,
         docker_up,
     };
     let text = metrics::render(&state.metrics, &sample)

@@ -3,6 +3,7 @@
 mod access;
 mod sync;
 mod tenant;
+mod tls;
 
 use std::process::ExitCode;
 
@@ -10,7 +11,7 @@ use anyhow::Context;
 
 use crate::cli::{Cli, Command, InitArgs};
 use crate::haproxy::render;
-use crate::settings::{Agent, Settings};
+use crate::settings::{Agent, Settings, TlsMode, TlsSettings};
 use crate::{layout, tenants};
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -40,6 +41,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let agent = Agent::load(&cli.config)?;
                 access::run(&agent, cmd).await
             }
+            Command::Tls(cmd) => tls::run(&Agent::load(&cli.config)?, cmd).await,
         }
     })
 }
@@ -49,8 +51,19 @@ fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
     settings.haproxy.listen = args.listen;
     settings.api.listen = args.api_listen;
     settings.docker.prefix = args.docker_prefix;
+    if args.tls_cert.is_some() {
+        settings.tls = Some(TlsSettings {
+            domain: args.tls_domain,
+            mode: if args.tls_mode == "required" {
+                TlsMode::Required
+            } else {
+                TlsMode::Optional
+            },
+            ..TlsSettings::default()
+        });
+    }
     settings.check()?;
-    let config = layout::init(&args.dir, &settings)?;
+    let config = layout::init(&args.dir, &settings, args.tls_cert.as_deref())?;
     let agent = Agent::load(&config)?;
     let p = &agent.paths;
     println!("Created a pgs layout in {}", args.dir.display());
@@ -67,6 +80,17 @@ fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
         "  containers    {}-<tenant> (docker prefix)",
         agent.settings.docker.prefix
     );
+    if let Some(tls) = &agent.settings.tls {
+        println!(
+            "  TLS           {} ({}; certificates in {})",
+            tls.mode.as_str(),
+            tls.domain
+                .as_deref()
+                .map(|d| format!("tenant domain {d}"))
+                .unwrap_or_else(|| "no tenant domain".into()),
+            p.tls_dir.display()
+        );
+    }
     println!("Next:");
     println!(
         "  pgs-agent -c {} render    # HAProxy's config, maps and Lua",

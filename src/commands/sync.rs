@@ -134,6 +134,17 @@ pub async fn run(agent: &Agent, resync: u64) -> anyhow::Result<ExitCode> {
     let (tx, rx) = mpsc::channel(64);
     let _watcher = daemon::watch_tenants_file(&agent.paths.tenants_file, tx.clone())
         .with_context(|| format!("cannot watch {}", agent.paths.tenants_file.display()))?;
+    let _cert_watcher = match &agent.settings.tls {
+        Some(_) => Some(
+            daemon::watch_certificates(&agent.paths.tls_dir, tx.clone()).with_context(|| {
+                format!(
+                    "cannot watch the certificates directory {}",
+                    agent.paths.tls_dir.display()
+                )
+            })?,
+        ),
+        None => None,
+    };
     if let Some(d) = &d {
         let events = d.clone();
         let tx = tx.clone();

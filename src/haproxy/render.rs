@@ -9,18 +9,36 @@ use askama::Template;
 
 use crate::fsutil;
 use crate::settings::{Agent, ConfigMode, Paths, Settings};
-use crate::tenants::{Access, Instance, Tenant, Tenants};
+use crate::tenants::{Access, Instance, Tenant, TenantTls, Tenants};
 
 /// The startup-phase router, shipped inside the binary so an install is one file.
 pub const LUA_ROUTER: &str = include_str!("../../lua/pg-route.lua");
+/// The router's pure wire-format module (`require("pgs_wire")`).
+pub const LUA_WIRE: &str = include_str!("../../lua/pgs_wire.lua");
 
 #[derive(Template)]
 #[template(path = "pgs.cfg", escape = "none")]
 struct PgsCfg<'a> {
     global: Option<GlobalBlock<'a>>,
     lua: String,
+    /// `lua-prepend-path`: where `require` finds the router's modules.
+    lua_path: String,
     f: FrontendBlock<'a>,
+    tls: Option<TlsBlock<'a>>,
     backends: Vec<BackendBlock<'a>>,
+}
+
+/// The internal TLS listener and the public frontend's TLS rules.
+struct TlsBlock<'a> {
+    /// pgs_route's argument on the public frontend: `optional` or `required`.
+    mode: &'static str,
+    socket: String,
+    direct_socket: String,
+    /// ` user U group G` on the binds, or nothing.
+    owner: String,
+    certificates: String,
+    domain: Option<&'a str>,
+    connect_timeout: &'a str,
 }
 
 struct GlobalBlock<'a> {
@@ -47,6 +65,8 @@ struct BackendBlock<'a> {
     address: String,
     connect_timeout: &'a str,
     session_timeout: &'a str,
+    /// The tenant accepts only TLS sessions.
+    tls_required: bool,
 }
 
 /// Everything pgs hands to HAProxy, as text, before any of it is written.
@@ -64,8 +84,12 @@ pub fn render(settings: &Settings, paths: &Paths, tenants: &Tenants) -> Rendered
         admin_socket: paths.admin_socket.display().to_string(),
         pidfile: paths.pidfile.display().to_string(),
         log: &h.log,
-        // Room for the Runtime API and master CLI beside the frontend's clients.
-        maxconn: h.maxconn.saturating_add(100),
+        // Room for the Runtime API and master CLI beside the frontend's clients; a TLS client
+        // holds two sessions (the public frontend and the internal TLS one).
+        maxconn: h
+            .maxconn
+            .saturating_mul(if settings.tls.is_some() { 2 } else { 1 })
+            .saturating_add(100),
         threads: h.threads,
         hard_stop_after: h.hard_stop_after.as_deref(),
     });
@@ -78,12 +102,28 @@ pub fn render(settings: &Settings, paths: &Paths, tenants: &Tenants) -> Rendered
                 address: server_address(t, paths)?,
                 connect_timeout: &h.connect_timeout,
                 session_timeout: &h.session_timeout,
+                tls_required: t.tls == TenantTls::Required,
             })
         })
         .collect();
+    let tls = settings.tls.as_ref().map(|t| TlsBlock {
+        mode: t.mode.as_str(),
+        socket: paths.tls_socket.display().to_string(),
+        direct_socket: paths.tls_direct_socket.display().to_string(),
+        owner: t
+            .socket_user
+            .iter()
+            .map(|u| format!(" user {u}"))
+            .chain(t.socket_group.iter().map(|g| format!(" group {g}")))
+            .collect(),
+        certificates: paths.tls_dir.display().to_string(),
+        domain: t.domain.as_deref(),
+        connect_timeout: &h.connect_timeout,
+    });
     let cfg = PgsCfg {
         global,
         lua: paths.lua.display().to_string(),
+        lua_path: paths.haproxy_dir.join("?.lua").display().to_string(),
         f: FrontendBlock {
             listen: &h.listen,
             maxconn: h.maxconn,
@@ -92,6 +132,7 @@ pub fn render(settings: &Settings, paths: &Paths, tenants: &Tenants) -> Rendered
             backends_map: paths.backends_map.display().to_string(),
             access_map: paths.access_map.display().to_string(),
         },
+        tls,
         backends,
     };
     let mut cfg = cfg.render().expect("templates render");
@@ -164,6 +205,13 @@ impl Installed {
     }
 }
 
+/// Installs the router's Lua files; whether any changed.
+fn install_lua(paths: &Paths) -> std::io::Result<bool> {
+    let wire = fsutil::write_if_changed(&paths.lua_wire, LUA_WIRE.as_bytes(), 0o644)?;
+    let router = fsutil::write_if_changed(&paths.lua, LUA_ROUTER.as_bytes(), 0o644)?;
+    Ok(wire || router)
+}
+
 /// Writes the rendered files under `paths` (atomically, only those that changed).
 pub fn install(paths: &Paths, r: &Rendered) -> std::io::Result<Installed> {
     std::fs::create_dir_all(&paths.maps_dir)?;
@@ -175,7 +223,7 @@ pub fn install(paths: &Paths, r: &Rendered) -> std::io::Result<Installed> {
             0o644,
         )?,
         access_map: fsutil::write_if_changed(&paths.access_map, r.access_map.as_bytes(), 0o644)?,
-        lua: fsutil::write_if_changed(&paths.lua, LUA_ROUTER.as_bytes(), 0o644)?,
+        lua: install_lua(paths)?,
         cfg: fsutil::write_if_changed(&paths.haproxy_cfg, r.cfg.as_bytes(), 0o644)?,
     })
 }
@@ -194,11 +242,25 @@ pub enum CheckError {
     },
     #[error("HAProxy rejected the configuration:\n{message}")]
     Rejected { message: String },
+    #[error(
+        "TLS is on ([tls] in {config}) but {dir} holds no certificate: put a PEM file there \
+             with the certificate chain and its private key (e.g. `cat fullchain.pem privkey.pem \
+             > {dir}/server.pem`, mode 0600), or remove [tls]"
+    )]
+    NoCertificate { config: PathBuf, dir: PathBuf },
 }
 
 /// Renders `tenants` into the staging directory and runs `haproxy -c` on it. The live files are
 /// not touched; on success the same render can be installed for real.
 pub async fn check(agent: &Agent, tenants: &Tenants) -> Result<(), CheckError> {
+    if agent.settings.tls.is_some()
+        && crate::tls::served_files(&agent.paths.tls_dir).map_or(true, |f| f.is_empty())
+    {
+        return Err(CheckError::NoCertificate {
+            config: agent.paths.config.clone(),
+            dir: agent.paths.tls_dir.clone(),
+        });
+    }
     let staged = agent.paths.with_haproxy_dir(&agent.paths.staging_dir);
     let rendered = render(&agent.settings, &staged, tenants);
     install(&staged, &rendered).map_err(|source| CheckError::Stage {
@@ -313,6 +375,45 @@ mod tests {
             .lines()
             .any(|l| l.trim_start().starts_with("default_backend")));
         assert!(!r.cfg.contains("\nbackend "));
+    }
+
+    #[test]
+    fn tls_adds_the_internal_listener_and_per_tenant_policy() {
+        let mut settings = Settings::default();
+        settings.tls = Some(crate::settings::TlsSettings {
+            domain: Some("db.example.com".into()),
+            socket_user: Some("haproxy".into()),
+            socket_group: Some("haproxy".into()),
+            ..Default::default()
+        });
+        let paths = Paths::new(Path::new("/srv/pgs/pgs.toml"), &settings);
+        let doc: serde_json::Value = serde_json::from_str(
+            r#"{"version": 1, "tenants": {
+                "acme": {"access": "enabled", "external": {"address": "/run/pg/acme/.s.PGSQL.5432"}},
+                "globex": {"access": "enabled", "tls": "required", "external": {"address": "127.0.0.1:5433"}}
+            }}"#,
+        )
+        .unwrap();
+        let r = render(&settings, &paths, &validate(&doc).unwrap());
+        assert_golden("tls.cfg", &r.cfg);
+        assert!(r.cfg.contains("lua.pgs_route optional"));
+        assert!(r.cfg.contains("lua.pgs_route inside"));
+        assert!(r.cfg.contains(
+            "bind unix@/srv/pgs/run/tls.sock mode 600 user haproxy group haproxy accept-proxy"
+        ));
+        assert!(r.cfg.contains("crt /srv/pgs/tls alpn postgresql"));
+        assert!(
+            r.cfg.contains("maxconn 4100"),
+            "two sessions per TLS client"
+        );
+        // Only globex's backend refuses plaintext.
+        assert_eq!(r.cfg.matches("pgs_refuse tls_required").count(), 1);
+        let globex = r.cfg.split("backend pgs_globex").nth(1).unwrap();
+        assert!(globex.contains("pgs_refuse tls_required unless { ssl_fc }"));
+        // Without [tls] nothing of it is rendered.
+        let plain = golden(TWO_TENANTS, ConfigMode::Full);
+        assert!(plain.cfg.contains("lua.pgs_route plain"));
+        assert!(!plain.cfg.contains("pgs-tls"));
     }
 
     #[test]

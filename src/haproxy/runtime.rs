@@ -86,6 +86,8 @@ pub enum ReplyError {
     VersionOutOfRange,
     /// `Missing version number.`
     MissingVersion,
+    /// `Can't display the certificate: Not found or the certificate is a bundle!`
+    CertificateNotFound,
     /// A usage complaint such as `'set map' expects three parameters: ...`.
     Usage,
     /// Any other text where the command's success shape was expected.
@@ -116,6 +118,8 @@ impl ReplyError {
             ReplyError::VersionOutOfRange
         } else if has("Missing version number") {
             ReplyError::MissingVersion
+        } else if has("Can't display the certificate: Not found") {
+            ReplyError::CertificateNotFound
         } else if r.contains(" expects ") || has("Require ") || has("Missing ") {
             ReplyError::Usage
         } else {
@@ -136,6 +140,7 @@ impl fmt::Display for ReplyError {
             ReplyError::VersionInFuture => "map version not prepared",
             ReplyError::VersionOutOfRange => "map version out of range",
             ReplyError::MissingVersion => "missing map version",
+            ReplyError::CertificateNotFound => "certificate not loaded",
             ReplyError::Usage => "bad usage",
             ReplyError::Other => "error",
         };
@@ -288,6 +293,21 @@ pub enum Command {
     /// `pgs show refused`: the refusal counters pg-route.lua registers on the stats socket
     /// (not a HAProxy built-in; an older Lua answers "Unknown command").
     ShowPgsRefused,
+    /// `pgs show negotiations`: pg-route.lua's counts of new connections by negotiation.
+    ShowPgsNegotiations,
+    /// `show ssl cert <file>`: the certificate HAProxy serves under that file name.
+    ShowSslCert { file: PathBuf },
+    /// `new ssl cert <file>`: an empty certificate store for a file HAProxy did not load.
+    NewSslCert { file: PathBuf },
+    /// `set ssl cert <file> <<` + PEM: opens (or updates) a transaction with the new content.
+    SetSslCert { file: PathBuf, pem: String },
+    /// `commit ssl cert <file>`: serves the transaction's certificate to new handshakes.
+    CommitSslCert { file: PathBuf },
+    /// `abort ssl cert <file>`: drops an open transaction.
+    AbortSslCert { file: PathBuf },
+    /// `add ssl crt-list <list> <file>`: serves a committed new certificate on every bind
+    /// that loads the crt-list or directory `list`.
+    AddSslCrtList { list: PathBuf, file: PathBuf },
 }
 
 /// The shape of a successful reply, by command.
@@ -300,6 +320,12 @@ enum Expect {
     Stat,
     ServersState,
     PgsRefused,
+    PgsNegotiations,
+    SslCert,
+    SslNewStore,
+    SslTransaction,
+    /// A multi-step command that ends its reply with `Success!`.
+    SslSuccess,
 }
 
 impl Command {
@@ -411,6 +437,29 @@ impl Command {
                 check_name("server", server)?
             ),
             Command::ShowPgsRefused => "pgs show refused".to_string(),
+            Command::ShowPgsNegotiations => "pgs show negotiations".to_string(),
+            Command::ShowSslCert { file } => {
+                format!("show ssl cert {}", check_path("certificate file", file)?)
+            }
+            Command::NewSslCert { file } => {
+                format!("new ssl cert {}", check_path("certificate file", file)?)
+            }
+            Command::SetSslCert { file, pem } => format!(
+                "set ssl cert {} <<\n{}\n",
+                check_path("certificate file", file)?,
+                check_payload(pem)?
+            ),
+            Command::CommitSslCert { file } => {
+                format!("commit ssl cert {}", check_path("certificate file", file)?)
+            }
+            Command::AbortSslCert { file } => {
+                format!("abort ssl cert {}", check_path("certificate file", file)?)
+            }
+            Command::AddSslCrtList { list, file } => format!(
+                "add ssl crt-list {} {}",
+                check_path("crt-list", list)?,
+                check_path("certificate file", file)?
+            ),
         })
     }
 
@@ -422,6 +471,11 @@ impl Command {
             Command::ShowStat => Expect::Stat,
             Command::ShowServersState | Command::ShowServersStateOf { .. } => Expect::ServersState,
             Command::ShowPgsRefused => Expect::PgsRefused,
+            Command::ShowPgsNegotiations => Expect::PgsNegotiations,
+            Command::ShowSslCert { .. } => Expect::SslCert,
+            Command::NewSslCert { .. } => Expect::SslNewStore,
+            Command::SetSslCert { .. } | Command::AbortSslCert { .. } => Expect::SslTransaction,
+            Command::CommitSslCert { .. } | Command::AddSslCrtList { .. } => Expect::SslSuccess,
             Command::AddMap { .. }
             | Command::SetMap { .. }
             | Command::DelMap { .. }
@@ -458,22 +512,47 @@ fn check_chars(what: &'static str, s: &str) -> Result<(), RuntimeError> {
 }
 
 fn check_map(map: &Path) -> Result<&str, RuntimeError> {
-    let Some(s) = map.to_str() else {
+    check_path("map path", map)
+}
+
+fn check_path<'a>(what: &'static str, path: &'a Path) -> Result<&'a str, RuntimeError> {
+    let Some(s) = path.to_str() else {
         return Err(RuntimeError::InvalidArgument {
-            what: "map path",
-            value: map.display().to_string(),
+            what,
+            value: path.display().to_string(),
             reason: "it is not valid UTF-8",
         });
     };
-    check_chars("map path", s)?;
+    check_chars(what, s)?;
     if !s.starts_with('/') {
         return Err(RuntimeError::InvalidArgument {
-            what: "map path",
+            what,
             value: s.to_string(),
             reason: "it must be an absolute path",
         });
     }
     Ok(s)
+}
+
+/// A payload ends at the first empty line: only non-empty lines of printable ASCII.
+fn check_payload(pem: &str) -> Result<&str, RuntimeError> {
+    let invalid = |reason| RuntimeError::InvalidArgument {
+        what: "payload",
+        value: pem.chars().take(40).collect(),
+        reason,
+    };
+    if pem.is_empty() || pem.lines().any(|l| l.trim().is_empty()) {
+        return Err(invalid(
+            "it is empty or has an empty line, which ends a payload",
+        ));
+    }
+    if pem
+        .bytes()
+        .any(|b| b != b'\n' && !(0x20..0x7f).contains(&b))
+    {
+        return Err(invalid("only printable ASCII lines are allowed"));
+    }
+    Ok(pem.trim_end_matches('\n'))
 }
 
 fn check_token<'a>(what: &'static str, s: &'a str) -> Result<&'a str, RuntimeError> {
@@ -512,6 +591,11 @@ fn check_reply(cmd: &Command, rendered: &str, body: String) -> Result<String, Ru
         Expect::Info => body.starts_with("Name: "),
         Expect::Stat => body.starts_with("# pxname,"),
         Expect::PgsRefused => body.starts_with("# pgs refused"),
+        Expect::PgsNegotiations => body.starts_with("# pgs negotiations"),
+        Expect::SslCert => body.starts_with("Filename: "),
+        Expect::SslNewStore => body.starts_with("New empty certificate store"),
+        Expect::SslTransaction => body.starts_with("Transaction "),
+        Expect::SslSuccess => body.lines().any(|l| l.trim() == "Success!"),
         Expect::ServersState => body
             .lines()
             .next()

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod docker;
 pub mod pg;
 pub mod proxy;
+pub mod tls;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -184,18 +185,26 @@ pub struct Layout {
 
 impl Layout {
     pub fn init() -> Layout {
-        let dir = temp_dir();
+        Self::init_with(temp_dir(), &[])
+    }
+
+    /// `init` into `dir` with extra arguments (e.g. `--tls-cert FILE`).
+    pub fn init_with(dir: tempfile::TempDir, extra: &[&str]) -> Layout {
         let port = free_port();
         let api_port = free_port();
         let root = dir.path().join("pgs");
-        let out = agent(&[
+        let listen = format!("127.0.0.1:{port}");
+        let api_listen = format!("127.0.0.1:{api_port}");
+        let mut args = vec![
             "init",
             root.to_str().unwrap(),
             "--listen",
-            &format!("127.0.0.1:{port}"),
+            &listen,
             "--api-listen",
-            &format!("127.0.0.1:{api_port}"),
-        ]);
+            &api_listen,
+        ];
+        args.extend_from_slice(extra);
+        let out = agent(&args);
         assert!(out.status.success(), "init: {out:?}");
         Layout {
             config: root.join("pgs.toml"),

@@ -1,0 +1,155 @@
+--[[
+pgs_wire.lua -- the pure part of pgs's router: PostgreSQL startup-phase wire
+format (what a message is, how a StartupMessage's parameters are read, what a
+refusal looks like on the wire).  No HAProxy API in here, so a plain `lua5.3`
+runs its unit tests (lua/tests/test_wire.lua); pg-route.lua does the I/O.
+]]
+
+local M = {}
+
+local string_unpack = string.unpack
+local string_pack = string.pack
+
+-- Protocol constants (PostgreSQL frontend/backend protocol v3).
+M.HEADER_LEN          = 8        -- int32 length + int32 code
+M.MIN_MESSAGE_LEN     = 8
+M.MAX_MESSAGE_LEN     = 10000    -- PostgreSQL's MAX_STARTUP_PACKET_LENGTH
+M.CODE_CANCEL_REQUEST = 80877102 -- 1234 << 16 | 5678
+M.CODE_SSL_REQUEST    = 80877103 -- 1234 << 16 | 5679
+M.CODE_GSSENC_REQUEST = 80877104 -- 1234 << 16 | 5680
+M.PROTOCOL_MAJOR_3    = 3
+-- A TLS record of type handshake: the first byte of a direct TLS connection
+-- (PostgreSQL 17's sslnegotiation=direct).  A startup length never starts
+-- with it (lengths are at most 10000).
+M.TLS_HANDSHAKE_BYTE  = 0x16
+
+-- SQLSTATEs.
+M.SQLSTATE_PROTOCOL_VIOLATION = "08P01"
+M.SQLSTATE_INVALID_AUTH_SPEC  = "28000"
+M.SQLSTATE_INTERNAL_ERROR     = "XX000"
+
+-- Tenant names: lowercase, 1..63 chars (PostgreSQL NAMEDATALEN - 1).
+local TENANT_PATTERN    = "^[a-z][a-z0-9_]*$"
+local TENANT_MAX_LEN    = 63
+local LOG_VALUE_MAX_LEN = 64
+
+local MALFORMED = "invalid startup packet layout: expected terminator as last byte"
+
+-- A refusal: what the client is told (sqlstate nil: nothing) and what is
+-- logged (reason, tenant, detail).
+function M.refusal(reason, sqlstate, message, tenant, detail)
+    return { reason = reason, sqlstate = sqlstate, message = message,
+             tenant = tenant, detail = detail }
+end
+
+function M.protocol_violation(reason, message, detail)
+    return M.refusal(reason, M.SQLSTATE_PROTOCOL_VIOLATION, message, nil, detail)
+end
+
+-- Quote client-controlled bytes for a log line: printable ASCII except
+-- backslash and double quote is kept, everything else becomes \xNN.
+function M.quote_for_log(s)
+    if s == nil then
+        return "-"
+    end
+    local truncated = #s > LOG_VALUE_MAX_LEN
+    if truncated then
+        s = s:sub(1, LOG_VALUE_MAX_LEN)
+    end
+    local escaped = s:gsub("[^%w%-%._~:/@+=,]", function(c)
+        return string.format("\\x%02x", c:byte())
+    end)
+    return '"' .. escaped .. '"' .. (truncated and "..." or "")
+end
+
+-- PostgreSQL ErrorResponse: 'E', int32 length, fields S/V/C/M (and H when a
+-- hint is given), final NUL.
+function M.error_response(sqlstate, message, hint)
+    local body = "SFATAL\0" .. "VFATAL\0" ..
+                 "C" .. sqlstate .. "\0" ..
+                 "M" .. message .. "\0" ..
+                 (hint and ("H" .. hint .. "\0") or "") .. "\0"
+    return "E" .. string_pack(">I4", #body + 4) .. body
+end
+
+function M.is_valid_tenant(name)
+    return type(name) == "string" and #name <= TENANT_MAX_LEN
+        and name:find(TENANT_PATTERN) ~= nil
+end
+
+-- Parse "key\0value\0...key\0value\0\0" exactly as the postmaster does.
+-- Returns a table of parameters, or nil and a refusal.
+function M.parse_startup_params(payload)
+    local last = #payload          -- index of the terminating NUL
+    if last == 0 or payload:byte(last) ~= 0 then
+        return nil, M.protocol_violation("malformed_startup", MALFORMED)
+    end
+    local params = {}
+    local pos = 1
+    while pos < last do            -- each pair consumes >= 2 bytes
+        local key_end = payload:find("\0", pos, true)
+        if key_end == pos or key_end >= last then
+            return nil, M.protocol_violation("malformed_startup", MALFORMED)
+        end
+        local value_end = payload:find("\0", key_end + 1, true)
+        if value_end >= last then
+            return nil, M.protocol_violation("malformed_startup", MALFORMED)
+        end
+        local key = payload:sub(pos, key_end - 1)
+        if params[key] ~= nil and key == "user" then
+            return nil, M.protocol_violation("duplicate_user",
+                'invalid startup packet layout: duplicate "user" parameter')
+        end
+        params[key] = payload:sub(key_end + 1, value_end - 1)
+        pos = value_end + 1
+    end
+    return params
+end
+
+-- What the first 8 bytes of a startup-phase message are.  Returns a kind:
+--   "tls"     a TLS handshake record (direct TLS); len and code are what
+--             the bytes would mean as a message (a bad length, for callers
+--             that do not offer TLS)
+--   "ssl", "gssenc", "cancel", "startup" with len and code
+--   "bad_length" or "unsupported" with len and code
+function M.classify(header)
+    local len, code = string_unpack(">I4I4", header)
+    if header:byte(1) == M.TLS_HANDSHAKE_BYTE then
+        return "tls", len, code
+    end
+    if len < M.MIN_MESSAGE_LEN or len > M.MAX_MESSAGE_LEN then
+        return "bad_length", len, code
+    end
+    if code == M.CODE_SSL_REQUEST then
+        return "ssl", len, code
+    elseif code == M.CODE_GSSENC_REQUEST then
+        return "gssenc", len, code
+    elseif code == M.CODE_CANCEL_REQUEST then
+        return "cancel", len, code
+    elseif (code >> 16) == M.PROTOCOL_MAJOR_3 then
+        return "startup", len, code
+    end
+    return "unsupported", len, code
+end
+
+-- The StartupMessage's tenant (its `user`), or nil and a refusal.
+function M.startup_tenant(message)
+    local params, err = M.parse_startup_params(message:sub(M.HEADER_LEN + 1))
+    if not params then
+        return nil, err
+    end
+    local user = params["user"]
+    if user == nil or user == "" then
+        return nil, M.refusal("missing_user", M.SQLSTATE_INVALID_AUTH_SPEC,
+            "no PostgreSQL user name specified in startup packet")
+    end
+    if not M.is_valid_tenant(user) then
+        return nil, M.refusal("invalid_user", M.SQLSTATE_INVALID_AUTH_SPEC,
+            "invalid user name: must be 1 to 63 characters, " ..
+            "lowercase letters, digits or underscores, starting with a letter",
+            nil, "user=" .. M.quote_for_log(user))
+    end
+    return user
+end
+
+return M

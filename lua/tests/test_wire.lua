@@ -1,0 +1,92 @@
+-- Unit tests of pgs_wire.lua, the router's pure part, under a plain lua5.3:
+--   lua5.3 lua/tests/test_wire.lua        (from the repository root)
+-- Prints "N passed, 0 failed" and exits non-zero on any failure.
+
+package.path = "lua/?.lua;" .. package.path
+local wire = require("pgs_wire")
+
+local passed, failed = 0, 0
+local function test(name, f)
+    local ok, err = pcall(f)
+    if ok then
+        passed = passed + 1
+    else
+        failed = failed + 1
+        io.stderr:write("FAIL " .. name .. ": " .. tostring(err) .. "\n")
+    end
+end
+local function eq(got, want, what)
+    if got ~= want then
+        error(string.format("%s: got %q, want %q", what or "value", tostring(got), tostring(want)), 2)
+    end
+end
+
+local function msg(code, payload)
+    payload = payload or ""
+    return string.pack(">I4I4", 8 + #payload, code) .. payload
+end
+
+test("classify names every startup-phase message", function()
+    eq(wire.classify(msg(wire.CODE_SSL_REQUEST)), "ssl")
+    eq(wire.classify(msg(wire.CODE_GSSENC_REQUEST)), "gssenc")
+    eq(wire.classify(msg(wire.CODE_CANCEL_REQUEST, "12345678")), "cancel")
+    eq(wire.classify(msg(3 << 16, "user\0a\0\0")), "startup")
+    eq(wire.classify(msg(3 << 16 | 2, "user\0a\0\0")), "startup", "protocol 3.2")
+    eq(wire.classify(msg(2 << 16, "xx")), "unsupported", "protocol 2")
+    eq(wire.classify(string.pack(">I4I4", 7, 0)), "bad_length", "too short")
+    eq(wire.classify(string.pack(">I4I4", 10001, 3 << 16)), "bad_length", "too long")
+    eq(wire.classify(string.pack(">I4I4", 0xFFFFFFFF, 0)), "bad_length")
+end)
+
+test("a TLS handshake record is told apart from any valid length", function()
+    -- A ClientHello starts 16 03 01 (record type handshake, TLS 1.0 record version).
+    local kind, len = wire.classify("\22\3\1\2\0\1\0\1")
+    eq(kind, "tls")
+    assert(len > wire.MAX_MESSAGE_LEN, "as a length it is out of range")
+end)
+
+test("startup parameters are read exactly", function()
+    local p = assert(wire.parse_startup_params("user\0acme\0database\0db\0\0"))
+    eq(p.user, "acme"); eq(p.database, "db")
+    local _, err = wire.parse_startup_params("user\0acme\0")
+    eq(err.reason, "malformed_startup", "no final terminator")
+    _, err = wire.parse_startup_params("user\0acme\0user\0b\0\0")
+    eq(err.reason, "duplicate_user")
+    _, err = wire.parse_startup_params("\0")
+    eq(err, nil, "an empty list is valid")
+    _, err = wire.parse_startup_params("user\0\0\0x\0\0")
+    eq(err.reason, "malformed_startup", "an empty key")
+    _, err = wire.parse_startup_params("")
+    eq(err.reason, "malformed_startup")
+end)
+
+test("the tenant comes from a valid user only", function()
+    local function startup(pairs) return msg(3 << 16, pairs) end
+    eq(wire.startup_tenant(startup("user\0acme\0\0")), "acme")
+    local _, err = wire.startup_tenant(startup("database\0x\0\0"))
+    eq(err.reason, "missing_user"); eq(err.sqlstate, "28000")
+    for _, bad in ipairs({ "ACME", "a-b", "1abc", "acme\1", string.rep("a", 64) }) do
+        _, err = wire.startup_tenant(startup("user\0" .. bad .. "\0\0"))
+        eq(err and err.reason, "invalid_user", bad)
+    end
+    eq(wire.startup_tenant(startup("user\0" .. string.rep("a", 63) .. "\0\0")), string.rep("a", 63))
+end)
+
+test("error responses are well-formed, with an optional hint", function()
+    local e = wire.error_response("28000", "no", "try TLS")
+    eq(e:sub(1, 1), "E")
+    eq(string.unpack(">I4", e, 2), #e - 1, "length counts itself, not the type byte")
+    assert(e:find("C28000\0", 1, true) and e:find("Mno\0", 1, true))
+    assert(e:find("Htry TLS\0", 1, true), "hint field")
+    assert(not wire.error_response("28000", "no"):find("H", 7, true), "no hint field")
+    eq(e:sub(-2), "\0\0")
+end)
+
+test("client bytes are quoted for logs", function()
+    eq(wire.quote_for_log(nil), "-")
+    eq(wire.quote_for_log("a\nb\""), '"a\\x0ab\\x22"')
+    eq(wire.quote_for_log(string.rep("x", 70)), '"' .. string.rep("x", 64) .. '"...')
+end)
+
+print(string.format("%d passed, %d failed", passed, failed))
+os.exit(failed == 0 and 0 or 1)
