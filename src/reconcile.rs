@@ -342,9 +342,9 @@ async fn apply<D: InstanceDriver>(
     drop(maps_lock);
 
     // 5. Certificates: a renewed or new file in the certificates directory is served without a
-    // reload (a reload above already read them all).
-    if observed.haproxy_running && !report.reloaded {
-        push_certificates(agent, &api, report).await;
+    // reload (a reload above read the copies it installed).
+    if agent.settings.tls.is_some() {
+        sync_certificates(agent, tenants, &api, observed.haproxy_running, report).await;
     }
 
     // 6. Containers of tenants that went away: after their backend is gone. Volumes stay.
@@ -366,14 +366,20 @@ async fn apply<D: InstanceDriver>(
     }
 }
 
-/// Hands every certificate file HAProxy does not serve yet (renewed or new) to it.
-async fn push_certificates(agent: &Agent, api: &RuntimeApi, report: &mut Report) {
-    if agent.settings.tls.is_none() {
-        return;
-    }
-    let dir = &agent.paths.tls_dir;
-    let files = match tls::served_files(dir) {
-        Ok(f) => f,
+/// Keeps HAProxy's certificates equal to the certificates directory. With HAProxy running, a
+/// renewed or new file is handed to it through the Runtime API and its served copy written only
+/// once HAProxy took it; without, the copies are vetted by `haproxy -c` first. A file that does
+/// not parse, or that HAProxy refuses, changes nothing and is reported at every pass.
+async fn sync_certificates(
+    agent: &Agent,
+    tenants: &Tenants,
+    api: &RuntimeApi,
+    running: bool,
+    report: &mut Report,
+) {
+    let (dir, served_dir) = (&agent.paths.tls_dir, &agent.paths.tls_served_dir);
+    let scan = match tls::scan(dir, served_dir) {
+        Ok(s) => s,
         Err(e) => {
             report.errors.push(format!(
                 "cannot read the certificates directory {}: {e}",
@@ -382,18 +388,70 @@ async fn push_certificates(agent: &Agent, api: &RuntimeApi, report: &mut Report)
             return;
         }
     };
-    for file in files {
-        match tls::push(api, dir, &file).await {
-            Ok(tls::Pushed::Unchanged) => {}
-            Ok(tls::Pushed::Renewed { serial }) => report.done.push(format!(
-                "certificate renewed: {} (serial {serial})",
-                file.display()
+    for (file, reason) in &scan.unusable {
+        report.errors.push(format!(
+            "certificate {} is not usable ({reason}); HAProxy keeps serving what it had",
+            file.display()
+        ));
+    }
+    if !running {
+        if scan.changed.is_empty() && scan.orphans.is_empty() {
+            return;
+        }
+        match render::check(agent, tenants).await {
+            Ok(()) => match tls::install_served(dir, served_dir) {
+                Ok(_) => report.done.push(format!(
+                    "certificates copied for HAProxy's next start: {}",
+                    scan.changed
+                        .iter()
+                        .map(|c| c.file.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                Err(e) => report
+                    .errors
+                    .push(format!("writing {}: {e}", served_dir.display())),
+            },
+            Err(e) => report
+                .errors
+                .push(format!("{e}; the certificates were not copied")),
+        }
+        return;
+    }
+    // Served copies first, so a restart reads what HAProxy serves; then any drift in memory.
+    for c in scan.changed.iter().chain(&scan.current) {
+        match tls::push(api, served_dir, c).await {
+            Ok(pushed) => {
+                if let Err(e) = tls::write_served(c) {
+                    report
+                        .errors
+                        .push(format!("writing {}: {e}", c.served.display()));
+                }
+                match pushed {
+                    tls::Pushed::Unchanged => {}
+                    tls::Pushed::Renewed { serial } => report.done.push(format!(
+                        "certificate renewed: {} (serial {serial})",
+                        c.file.display()
+                    )),
+                    tls::Pushed::Added { serial } => report.done.push(format!(
+                        "certificate added: {} (serial {serial})",
+                        c.file.display()
+                    )),
+                }
+            }
+            Err(e) => report.errors.push(format!(
+                "HAProxy refused certificate {}: {e}; it keeps serving what it had",
+                c.file.display()
             )),
-            Ok(tls::Pushed::Added { serial }) => report.done.push(format!(
-                "certificate added: {} (serial {serial})",
-                file.display()
+        }
+    }
+    for o in &scan.orphans {
+        match std::fs::remove_file(o) {
+            Ok(()) => report.done.push(format!(
+                "certificate removed: {} (served until HAProxy's next reload)",
+                o.display()
             )),
-            Err(e) => report.errors.push(e.to_string()),
+            Err(e) => report.errors.push(format!("removing {}: {e}", o.display())),
         }
     }
 }

@@ -500,8 +500,11 @@ pub struct Paths {
     pub lua_wire: PathBuf,
     /// Candidate files are rendered and checked here before the real ones are replaced.
     pub staging_dir: PathBuf,
-    /// The certificates HAProxy serves to TLS clients (`[tls] certificates`).
+    /// The certificates the operator provides (`[tls] certificates`); the agent watches it.
     pub tls_dir: PathBuf,
+    /// The copies HAProxy loads (`crt`): only files that parsed and that HAProxy accepted
+    /// (at runtime or in `haproxy -c`) reach it, so a broken file never stops a restart.
+    pub tls_served_dir: PathBuf,
     /// Internal TLS listener for clients that asked with an SSLRequest (mode 600).
     pub tls_socket: PathBuf,
     /// Internal TLS listener for direct TLS (PostgreSQL 17+, ALPN `postgresql`) (mode 600).
@@ -555,6 +558,7 @@ impl Paths {
             lua_wire: haproxy_dir.join("pgs_wire.lua"),
             staging_dir: haproxy_dir.join(".staging"),
             tls_dir: at(&s.tls.clone().unwrap_or_default().certificates),
+            tls_served_dir: haproxy_dir.join("tls"),
             tls_socket: run_dir.join("tls.sock"),
             tls_direct_socket: run_dir.join("tls-direct.sock"),
             maps_dir,
@@ -585,6 +589,7 @@ impl Paths {
             access_map: maps_dir.join("access.map"),
             lua: dir.join("pg-route.lua"),
             lua_wire: dir.join("pgs_wire.lua"),
+            tls_served_dir: dir.join("tls"),
             staging_dir: dir.join(".staging"),
             maps_dir,
             ..self.clone()

@@ -40,8 +40,8 @@ fn golden_configs_pass_haproxy_check() {
         if text.contains("ssl crt ") {
             // The TLS golden serves the certificates directory: give it one.
             let certs = TestCerts::new(dir.path());
-            std::fs::create_dir_all(dir.path().join("tls")).unwrap();
-            std::fs::copy(&certs.server_pem, dir.path().join("tls/server.pem")).unwrap();
+            std::fs::create_dir_all(dir.path().join("haproxy/tls")).unwrap();
+            std::fs::copy(&certs.server_pem, dir.path().join("haproxy/tls/server.pem")).unwrap();
         }
         let pgs_cfg = dir.path().join("pgs.cfg");
         std::fs::write(&pgs_cfg, &text).unwrap();

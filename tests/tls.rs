@@ -399,7 +399,8 @@ fn renewed_certificates_are_served_without_a_reload() {
         renewed.as_str()
     );
 
-    // A broken file is refused with a clear message; HAProxy keeps serving the good one.
+    // A broken file is refused with a clear message; HAProxy keeps serving the good one, and
+    // never loads the broken file: a restart from the files still serves TLS.
     let mark = daemon.mark();
     std::fs::write(t.cert_file(), "-----BEGIN CERTIFICATE-----\nAAAA\n").unwrap();
     daemon.wait_for_log_after(mark, "is not usable", Duration::from_secs(15));
@@ -407,6 +408,19 @@ fn renewed_certificates_are_served_without_a_reload() {
     let out = agent(&["-c", t.layout.config.to_str().unwrap(), "tls", "status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("problem") && text.contains("NO"), "{text}");
+    drop(session);
+    t.haproxy.stop();
+    t.haproxy = t.layout.start_haproxy();
+    assert_eq!(
+        serial(&t),
+        renewed,
+        "a restart serves the last good certificate"
+    );
+    let worker = t.haproxy.worker_pid();
+    let mut session = Session::open(
+        &t.layout.conninfo("acme", "sslmode=require"),
+        &t.acme.password.clone(),
+    );
     std::fs::copy(&t.certs.server_pem, t.cert_file()).unwrap();
 
     // A backend change reloads HAProxy: the new worker reads the renewed file, the open TLS

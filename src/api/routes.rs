@@ -501,7 +501,8 @@ async fn metrics(state: &State) -> Result<Resp, ApiError> {
     let certificates = match &state.agent.settings.tls {
         Some(_) => {
             let reach = stats.is_some().then_some(&api);
-            crate::tls::status(&state.agent.paths.tls_dir, reach)
+            let p = &state.agent.paths;
+            crate::tls::status(&p.tls_dir, &p.tls_served_dir, reach)
                 .await
                 .ok()
         }

@@ -25,7 +25,7 @@ async fn status(agent: &Agent, json: bool) -> anyhow::Result<ExitCode> {
     let dir = &agent.paths.tls_dir;
     let api = runtime_api(agent);
     let running = api.show_info().await.is_ok();
-    let certs = tls::status(dir, running.then_some(&api))
+    let certs = tls::status(dir, &agent.paths.tls_served_dir, running.then_some(&api))
         .await
         .with_context(|| format!("cannot read the certificates directory {}", dir.display()))?;
     if json {

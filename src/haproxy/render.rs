@@ -75,6 +75,8 @@ pub struct Rendered {
     pub cfg: String,
     pub backends_map: String,
     pub access_map: String,
+    /// TLS is on: the certificates directory's files are copied where HAProxy loads them.
+    pub tls: bool,
 }
 
 /// Renders the files for `tenants`, with file references pointing into `paths`.
@@ -116,7 +118,7 @@ pub fn render(settings: &Settings, paths: &Paths, tenants: &Tenants) -> Rendered
             .map(|u| format!(" user {u}"))
             .chain(t.socket_group.iter().map(|g| format!(" group {g}")))
             .collect(),
-        certificates: paths.tls_dir.display().to_string(),
+        certificates: paths.tls_served_dir.display().to_string(),
         domain: t.domain.as_deref(),
         connect_timeout: &h.connect_timeout,
     });
@@ -141,6 +143,7 @@ pub fn render(settings: &Settings, paths: &Paths, tenants: &Tenants) -> Rendered
         cfg,
         backends_map: map_file(backends_entries(tenants, paths)),
         access_map: map_file(access_entries(tenants)),
+        tls: settings.tls.is_some(),
     }
 }
 
@@ -197,11 +200,12 @@ pub struct Installed {
     pub backends_map: bool,
     pub access_map: bool,
     pub lua: bool,
+    pub certificates: bool,
 }
 
 impl Installed {
     pub fn any(&self) -> bool {
-        self.cfg || self.backends_map || self.access_map || self.lua
+        self.cfg || self.backends_map || self.access_map || self.lua || self.certificates
     }
 }
 
@@ -224,6 +228,8 @@ pub fn install(paths: &Paths, r: &Rendered) -> std::io::Result<Installed> {
         )?,
         access_map: fsutil::write_if_changed(&paths.access_map, r.access_map.as_bytes(), 0o644)?,
         lua: install_lua(paths)?,
+        // Certificates that parse; `check` runs `haproxy -c` on the same before a live install.
+        certificates: r.tls && crate::tls::install_served(&paths.tls_dir, &paths.tls_served_dir)?,
         cfg: fsutil::write_if_changed(&paths.haproxy_cfg, r.cfg.as_bytes(), 0o644)?,
     })
 }
@@ -253,13 +259,15 @@ pub enum CheckError {
 /// Renders `tenants` into the staging directory and runs `haproxy -c` on it. The live files are
 /// not touched; on success the same render can be installed for real.
 pub async fn check(agent: &Agent, tenants: &Tenants) -> Result<(), CheckError> {
-    if agent.settings.tls.is_some()
-        && crate::tls::served_files(&agent.paths.tls_dir).map_or(true, |f| f.is_empty())
-    {
-        return Err(CheckError::NoCertificate {
-            config: agent.paths.config.clone(),
-            dir: agent.paths.tls_dir.clone(),
-        });
+    if agent.settings.tls.is_some() {
+        let usable = crate::tls::scan(&agent.paths.tls_dir, &agent.paths.tls_served_dir)
+            .map_or(0, |s| s.usable());
+        if usable == 0 {
+            return Err(CheckError::NoCertificate {
+                config: agent.paths.config.clone(),
+                dir: agent.paths.tls_dir.clone(),
+            });
+        }
     }
     let staged = agent.paths.with_haproxy_dir(&agent.paths.staging_dir);
     let rendered = render(&agent.settings, &staged, tenants);
@@ -401,7 +409,7 @@ mod tests {
         assert!(r.cfg.contains(
             "bind unix@/srv/pgs/run/tls.sock mode 600 user haproxy group haproxy accept-proxy"
         ));
-        assert!(r.cfg.contains("crt /srv/pgs/tls alpn postgresql"));
+        assert!(r.cfg.contains("crt /srv/pgs/haproxy/tls alpn postgresql"));
         assert!(
             r.cfg.contains("maxconn 4100"),
             "two sessions per TLS client"
