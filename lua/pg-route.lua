@@ -31,8 +31,13 @@ Actions (use in a `mode tcp` frontend with `tcp-request inspect-delay`):
         second request of the same kind, or any byte already pipelined
         behind it (plaintext injected before the TLS decision, the
         CVE-2021-23214 class).  GSSENCRequest is always answered 'N'.
-      * CancelRequest: not supported; the connection is closed without any
-        reply (like the postmaster, which never answers a cancel) and logged.
+      * CancelRequest (16 bytes in protocol 3.0, up to 12 + 256 in 3.2): sets
+        txn.pgs_cancel_key to the hex of its pid and secret and returns; the
+        cfg routes it to the server whose BackendKeyData issued that key (the
+        stick table pgs-cancel-keys), drops it unanswered otherwise (like the
+        postmaster, which never answers a cancel), and rate-limits cancels
+        per source.  Allowed in every mode: libpq before 17 sends cancels
+        unencrypted, and the key is the secret.
       * StartupMessage, protocol 3.x: key/value pairs, each NUL-terminated,
         plus a final NUL that must be the last byte (08P01 otherwise; also
         08P01 for a duplicated `user`).  `user` missing or empty -> 28000;
@@ -47,9 +52,17 @@ Actions (use in a `mode tcp` frontend with `tcp-request inspect-delay`):
       HAProxy re-runs the whole `tcp-request content` list while a later rule
       waits for data (the ClientHello after 'S'), so the action decides once
       per connection and returns at once when called again.
-  tcp-request content lua.pgs_refuse <unknown|disabled|tls_required|sni_mismatch>
+  tcp-response content lua.pgs_capture   (tenant backends)
+      Reads the server's first messages, forwarding each at once, until
+      BackendKeyData: its key goes to txn.pgs_issued_key, which the cfg's
+      `stick store-response` records with the server's id.  An
+      ErrorResponse 28P01/28000 (wrong password) counts as a failed startup.
+  tcp-request content lua.pgs_refuse <unknown|disabled|tls_required|sni_mismatch|too_many_connections|too_many_failures>
       unknown, disabled, tls_required: the tenant exists in no map / is not
-      enabled / requires TLS and this session is plaintext.  The client gets
+      enabled / requires TLS and this session is plaintext.
+      too_many_connections: the tenant is at its session limit (53300, the
+      code drivers and pools retry on).  too_many_failures: this source had
+      too many failed startups lately (28000).  The client gets
       the SAME error for all three (28000, tenant "<t>" is not available),
       with one hint on plaintext sessions where TLS is offered: no
       enumeration.  sni_mismatch: the TLS server name is in the tenant domain
@@ -61,6 +74,10 @@ Variables:
   txn.pgs_via     plain | starttls | direct: how the client negotiated, on
                   the public frontend (for the cfg and the log-format).
   txn.pgs_hint_tls  set on a plaintext session where TLS is offered.
+  txn.pgs_cancel_key  a CancelRequest's key (hex of pid and secret).
+  txn.pgs_issued_key  the key a server's BackendKeyData issued (same form).
+Failed startups (see FAILED_STARTUP) increment the general purpose counter 0
+of the source address the cfg tracks in stick counter 1.
 
 Every refusal logs one line through the frontend's loggers (txn:log), e.g.
   pgs: refused tenant=acme reason=disabled
@@ -97,6 +114,8 @@ local VAR_TENANT   = "txn.pgs_tenant"
 local VAR_REASON   = "txn.pgs_reason"
 local VAR_VIA      = "txn.pgs_via"
 local VAR_HINT_TLS = "txn.pgs_hint_tls"
+local VAR_CANCEL   = "txn.pgs_cancel_key"   -- a CancelRequest's key
+local VAR_ISSUED   = "txn.pgs_issued_key"   -- the key a server's BackendKeyData issued
 
 local MODES = { plain = true, optional = true, required = true, inside = true }
 
@@ -134,10 +153,33 @@ local function log_refusal(txn, r)
     txn:log(core.notice, line)
 end
 
+-- Refusals that count as a failed startup of the client's address (the
+-- cfg tracks it in stick counter 1 and throttles past a threshold).  A
+-- timeout, a closed client, a throttled one or a busy tenant is no failure.
+local FAILED_STARTUP = {
+    bad_length = true, malformed_startup = true, duplicate_user = true,
+    missing_user = true, invalid_user = true, unsupported_protocol = true,
+    unknown = true, disabled = true, tls_required = true, sni_mismatch = true,
+    bad_cancel_length = true, encryption_required = true,
+    pipelined_after_ssl = true, pipelined_after_gssenc = true,
+    duplicate_ssl = true, duplicate_gssenc = true,
+    ssl_request_inside_tls = true, gssenc_request_inside_tls = true,
+    too_many_messages = true,
+}
+
+-- Counts a failed startup against the client's address (no-op when the
+-- session tracks no counter 1).
+local function count_failure(txn)
+    pcall(function() return txn.f:sc1_inc_gpc0() end)
+end
+
 -- Log, tell the client (unless r.sqlstate is nil) and close.  Must be called
 -- outside pcall: txn:done() unwinds with a Lua error.
 local function refuse(txn, r)
     txn:set_var(VAR_REASON, r.reason)
+    if FAILED_STARTUP[r.reason] then
+        count_failure(txn)
+    end
     log_refusal(txn, r)
     if r.sqlstate then
         txn.res:send(wire.error_response(r.sqlstate, r.message, r.hint))
@@ -212,6 +254,21 @@ local function handle_startup(txn, len, mode)
     return { tenant = tenant, via = (mode ~= "inside") and "plain" or nil }
 end
 
+-- Reads a CancelRequest of length `len`: the decision names its key, which
+-- the cfg looks up in the table of keys servers issued.  Allowed in every
+-- mode (libpq before 17 sends cancels unencrypted; the key is the secret).
+local function handle_cancel(txn, len)
+    local message = read_exact(txn, 0, math.min(len, wire.CANCEL_MAX_LEN + 1))
+    if not message then
+        return nil, nil
+    end
+    local key, err = wire.cancel_key(message)
+    if not key then
+        return nil, err
+    end
+    return { cancel = key }
+end
+
 -- Returns: a decision {tenant=, via=} | nil, refusal | nil, nil (incomplete:
 -- let the cfg reject).
 local function route(txn, mode)
@@ -248,8 +305,7 @@ local function route(txn, mode)
             end
             txn.res:send("N")
         elseif kind == "cancel" then
-            return nil, wire.refusal("cancel_unsupported", nil, nil, nil,
-                                     "length=" .. len)
+            return handle_cancel(txn, len)
         elseif kind == "startup" then
             return handle_startup(txn, len, mode)
         else
@@ -269,7 +325,7 @@ end
 -- Whether this connection was decided by an earlier run of the rule list.
 local function decided(txn)
     return txn:get_var(VAR_TENANT) ~= nil or txn:get_var(VAR_VIA) ~= nil
-        or txn:get_var(VAR_REASON) ~= nil
+        or txn:get_var(VAR_REASON) ~= nil or txn:get_var(VAR_CANCEL) ~= nil
 end
 
 local function pgs_route(txn, mode)
@@ -289,6 +345,9 @@ local function pgs_route(txn, mode)
         end
         if decision.via then
             txn:set_var(VAR_VIA, decision.via)
+        end
+        if decision.cancel then
+            txn:set_var(VAR_CANCEL, decision.cancel)
         end
         if decision.tenant then
             txn:set_var(VAR_TENANT, decision.tenant)
@@ -317,6 +376,9 @@ local NOT_AVAILABLE = { unknown = true, disabled = true, tls_required = true }
 
 local MSG_SNI_MISMATCH = "the TLS server name (SNI) names another tenant " ..
                          "than the user name"
+local MSG_TOO_MANY_CONNECTIONS = 'too many connections for tenant "%s"'
+local MSG_TOO_MANY_FAILURES = "too many failed connection attempts"
+local SQLSTATE_TOO_MANY_CONNECTIONS = "53300"
 
 local function tenant_refusal(txn, reason)
     local tenant = txn:get_var(VAR_TENANT)
@@ -326,6 +388,13 @@ local function tenant_refusal(txn, reason)
     if reason == "sni_mismatch" then
         return wire.refusal(reason, wire.SQLSTATE_INVALID_AUTH_SPEC,
             MSG_SNI_MISMATCH, tenant)
+    elseif reason == "too_many_connections" then
+        -- Only reached for a known, enabled tenant: naming it tells nothing.
+        return wire.refusal(reason, SQLSTATE_TOO_MANY_CONNECTIONS,
+            string.format(MSG_TOO_MANY_CONNECTIONS, tenant or "?"), tenant)
+    elseif reason == "too_many_failures" then
+        return wire.refusal(reason, wire.SQLSTATE_INVALID_AUTH_SPEC,
+            MSG_TOO_MANY_FAILURES)
     end
     if not NOT_AVAILABLE[reason] then
         reason = "unknown"
@@ -344,6 +413,66 @@ local function pgs_refuse(txn, reason)
         r = internal_error(r)
     end
     return refuse(txn, r)
+end
+
+---------------------------------------------------------------------------
+-- pgs_capture (tcp-response, tenant backends)
+---------------------------------------------------------------------------
+
+-- The server's startup-phase messages before BackendKeyData: authentication
+-- requests, ParameterStatus, notices.  A bound on the loop, not a protocol
+-- limit.
+local MAX_SERVER_MESSAGES = 100
+local MAX_SERVER_MESSAGE_LEN = 65536
+
+-- Reads the server's first messages, forwarding each complete one at once
+-- (a SCRAM exchange would stall until the inspect-delay ends otherwise),
+-- until BackendKeyData: its key goes to txn.pgs_issued_key for the cfg's
+-- `stick store-response`.  An ErrorResponse with 28P01 (wrong password)
+-- counts as a failed startup of the client's address.  Stops quietly at
+-- ReadyForQuery, an error, anything unexpected, or the end of the delay.
+local function capture(txn)
+    for _ = 1, MAX_SERVER_MESSAGES do
+        local header = txn.res:data(0, 5)
+        if header == nil or #header < 5 then
+            return
+        end
+        local kind, len = wire.server_message(header, MAX_SERVER_MESSAGE_LEN)
+        if not kind then
+            return
+        end
+        local message = txn.res:data(0, len)
+        if message == nil or #message < len then
+            return
+        end
+        if kind == "K" then
+            local key = wire.backend_key(message)
+            if key then
+                txn:set_var(VAR_ISSUED, key)
+            end
+            return
+        elseif kind == "E" then
+            local code = wire.error_code(message)
+            if code == "28P01" or code == "28000" then
+                count_failure(txn)
+            end
+            return
+        elseif kind == "Z" then
+            return
+        end
+        txn.res:forward(len)
+    end
+end
+
+local function pgs_capture(txn)
+    if txn:get_var(VAR_CANCEL) ~= nil or txn:get_var(VAR_ISSUED) ~= nil then
+        return
+    end
+    local ok, err = pcall(capture, txn)
+    if not ok then
+        txn:log(core.warning, "pgs: key capture failed: " ..
+                wire.quote_for_log(tostring(err)))
+    end
 end
 
 ---------------------------------------------------------------------------
@@ -373,3 +502,4 @@ core.register_cli({ "pgs", "show", "negotiations" },
     show_negotiations)
 core.register_action("pgs_route", { "tcp-req" }, pgs_route, 1)
 core.register_action("pgs_refuse", { "tcp-req" }, pgs_refuse, 1)
+core.register_action("pgs_capture", { "tcp-res" }, pgs_capture, 0)

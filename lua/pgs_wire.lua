@@ -12,6 +12,11 @@ local string_pack = string.pack
 
 -- Protocol constants (PostgreSQL frontend/backend protocol v3).
 M.HEADER_LEN          = 8        -- int32 length + int32 code
+-- CancelRequest: length, code, int32 pid, then the secret key: 4 bytes in
+-- protocol 3.0, up to 256 bytes in 3.2 (PostgreSQL 18).
+M.CANCEL_MIN_LEN      = 16
+M.MAX_KEY_LEN         = 256
+M.CANCEL_MAX_LEN      = 12 + 256
 M.MIN_MESSAGE_LEN     = 8
 M.MAX_MESSAGE_LEN     = 10000    -- PostgreSQL's MAX_STARTUP_PACKET_LENGTH
 M.CODE_CANCEL_REQUEST = 80877102 -- 1234 << 16 | 5678
@@ -130,6 +135,48 @@ function M.classify(header)
         return "startup", len, code
     end
     return "unsupported", len, code
+end
+
+-- Bytes as upper-case hex (cancel keys are table keys and log values).
+function M.hex(s)
+    return (s:gsub(".", function(c) return string.format("%02X", c:byte()) end))
+end
+
+-- The key a CancelRequest presents: hex of pid and secret, or nil and a
+-- refusal.  `message` is the whole request.
+function M.cancel_key(message)
+    local len = #message
+    if len < M.CANCEL_MIN_LEN or len > M.CANCEL_MAX_LEN then
+        return nil, M.protocol_violation("bad_cancel_length",
+            "invalid length of cancel request packet", "length=" .. len)
+    end
+    return M.hex(message:sub(M.HEADER_LEN + 1))
+end
+
+-- A server message's type byte and total length (type byte included), from
+-- its first 5 bytes; nil when the length is impossible.
+function M.server_message(header, max_len)
+    local kind = header:sub(1, 1)
+    local len = string_unpack(">I4", header, 2)
+    if len < 4 or len > max_len then
+        return nil
+    end
+    return kind, len + 1
+end
+
+-- The key a BackendKeyData ('K') message issues, in the form cancel_key
+-- returns (hex of pid and secret); nil when malformed.
+function M.backend_key(message)
+    local key_len = #message - 9          -- 'K', int32 length, int32 pid
+    if message:sub(1, 1) ~= "K" or key_len < 4 or key_len > M.MAX_KEY_LEN then
+        return nil
+    end
+    return M.hex(message:sub(6))
+end
+
+-- The SQLSTATE of an ErrorResponse ('E') message, or nil.
+function M.error_code(message)
+    return message:match("%zC(%w%w%w%w%w)%z") or message:match("^E....C(%w%w%w%w%w)%z")
 end
 
 -- The StartupMessage's tenant (its `user`), or nil and a refusal.

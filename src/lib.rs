@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - `access`    — access flips (file, map file, Runtime API) and their status.
+//! - `cancel_keys` — cancel keys copied into HAProxy's new worker after a reload.
 //! - `cli`       — clap definitions only.
 //! - `commands`  — what each CLI command does, in terms of the modules below.
 //! - `daemon`    — `run`: pokes, periodic resync, coalescing, systemd notify.
@@ -22,6 +23,7 @@
 
 pub mod access;
 pub mod api;
+pub mod cancel_keys;
 pub mod cli;
 pub mod commands;
 pub mod daemon;

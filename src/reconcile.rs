@@ -11,6 +11,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::access::runtime_api;
+use crate::cancel_keys;
 use crate::fsutil::{self, FileLock};
 use crate::haproxy::maps::{self, Entries};
 use crate::haproxy::master::MasterCli;
@@ -484,6 +485,15 @@ async fn write_and_reload(
     if !plan.reload {
         return true;
     }
+    // The keys of open sessions, for the new worker (the old one drops its table as it stops).
+    let api = runtime_api(agent);
+    let keys = match cancel_keys::snapshot(&api).await {
+        Ok(k) => Some(k),
+        Err(e) => {
+            warn!(error = %e, "cannot read the cancel keys before the reload; open sessions cannot be cancelled after it");
+            None
+        }
+    };
     let master = MasterCli::new(agent.paths.master_socket.clone());
     match master.reload_and_confirm(RELOAD_DEADLINE).await {
         Ok(procs) => {
@@ -493,6 +503,16 @@ async fn write_and_reload(
             report
                 .done
                 .push(format!("HAProxy reloaded (new worker {pid})"));
+            if let Some(keys) = keys.filter(|k| !k.is_empty()) {
+                match cancel_keys::restore(&api, &keys).await {
+                    Ok(n) => report
+                        .done
+                        .push(format!("cancel keys of open sessions carried over: {n}")),
+                    Err(e) => {
+                        warn!(error = %e, "cannot carry the cancel keys over; open sessions cannot be cancelled")
+                    }
+                }
+            }
             true
         }
         Err(e) => {
@@ -516,6 +536,7 @@ impl Snapshot {
                 &p.haproxy_cfg,
                 &p.backends_map,
                 &p.access_map,
+                &p.servers_map,
                 &p.lua,
                 &p.lua_wire,
             ]

@@ -37,9 +37,67 @@ pub struct Settings {
     pub docker: DockerSettings,
     #[serde(default)]
     pub api: ApiSettings,
+    #[serde(default)]
+    pub limits: LimitsSettings,
     /// TLS to clients, terminated by HAProxy; absent means plaintext only (SSLRequest → 'N').
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSettings>,
+}
+
+/// What HAProxy counts and caps: sessions per tenant, failed startups and cancels per client
+/// address, and the table of cancel keys.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSettings {
+    /// Concurrent client sessions per tenant whose entry sets no `connection_limit`; 0: none.
+    #[serde(default = "d_tenant_connections")]
+    pub tenant_connections: u32,
+    /// Failed startups (malformed, unknown tenant, wrong password, ...) one client address may
+    /// have within `failed_startups_window` before it is refused for a while.
+    #[serde(default = "d_failed_startups")]
+    pub failed_startups: u32,
+    #[serde(default = "d_failed_startups_window")]
+    pub failed_startups_window: String,
+    /// Cancel requests one client address may send per 10 seconds.
+    #[serde(default = "d_cancels_per_source")]
+    pub cancels_per_source: u32,
+    /// Most cancel keys remembered (one per session); when full, the oldest go first.
+    #[serde(default = "d_cancel_keys")]
+    pub cancel_keys: u32,
+    /// How long a session's cancel key is remembered.
+    #[serde(default = "d_cancel_key_ttl")]
+    pub cancel_key_ttl: String,
+    /// Most client addresses counted at once.
+    #[serde(default = "d_sources")]
+    pub sources: u32,
+}
+
+fn d_tenant_connections() -> u32 {
+    100
+}
+fn d_failed_startups() -> u32 {
+    20
+}
+fn d_failed_startups_window() -> String {
+    "60s".into()
+}
+fn d_cancels_per_source() -> u32 {
+    20
+}
+fn d_cancel_keys() -> u32 {
+    100_000
+}
+fn d_cancel_key_ttl() -> String {
+    "24h".into()
+}
+fn d_sources() -> u32 {
+    100_000
+}
+
+impl Default for LimitsSettings {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
 }
 
 /// TLS to clients: HAProxy terminates it (classic SSLRequest and PostgreSQL 17's direct SSL) on
@@ -289,7 +347,14 @@ impl Settings {
             h.hard_stop_after
                 .as_ref()
                 .map(|v| ("haproxy.hard_stop_after", v)),
-        ) {
+        )
+        .chain([
+            (
+                "limits.failed_startups_window",
+                &self.limits.failed_startups_window,
+            ),
+            ("limits.cancel_key_ttl", &self.limits.cancel_key_ttl),
+        ]) {
             if !is_haproxy_duration(v) {
                 bail!("{name} = {v:?} is not a duration like \"500ms\", \"5s\", \"10m\" or \"1h\"");
             }
@@ -320,6 +385,14 @@ impl Settings {
         if let Some(tls) = &self.tls {
             tls.check()?;
         }
+        for (key, v) in [
+            ("limits.cancel_keys", self.limits.cancel_keys),
+            ("limits.sources", self.limits.sources),
+        ] {
+            if v == 0 {
+                bail!("{key} must be at least 1");
+            }
+        }
         Ok(())
     }
 
@@ -348,7 +421,7 @@ impl Settings {
             }
         };
         section("", table, &mut out);
-        for name in ["haproxy", "docker", "api"] {
+        for name in ["haproxy", "docker", "api", "limits"] {
             let t = table.get(name).and_then(|v| v.as_table()).cloned();
             section(name, &t.unwrap_or_default(), &mut out);
         }
@@ -401,6 +474,13 @@ const SETTING_DOCS: &[(&str, &str, &str, &str)] = &[
     ("docker", "ready_timeout_secs", "How long a new or restarted server may take to accept logins, in seconds.", ""),
     ("api", "listen", "HTTP API of `run`: HOST:PORT (keep it on loopback), a unix socket path, or \"\" for none.", ""),
     ("api", "max_body_bytes", "Largest request body the API accepts, in bytes.", ""),
+    ("limits", "tenant_connections", "Concurrent client sessions per tenant whose entry sets no connection_limit (FATAL 53300 past it); 0: no limit. PostgreSQL's max_connections stays the hard limit.", ""),
+    ("limits", "failed_startups", "Failed startups (malformed, unknown tenant, wrong password) one client address may have per window before it is refused (28000) until its rate drops.", ""),
+    ("limits", "failed_startups_window", "The window of failed_startups.", ""),
+    ("limits", "cancels_per_source", "Cancel requests one client address may send per 10 seconds; more are dropped.", ""),
+    ("limits", "cancel_keys", "Most cancel keys remembered (one per session); when full the oldest are dropped first.", ""),
+    ("limits", "cancel_key_ttl", "How long a session's cancel key is remembered (a session older than this cannot be cancelled).", ""),
+    ("limits", "sources", "Most client addresses counted at once.", ""),
     ("tls", "certificates", "Directory of PEM files (chain and key in one file), all served; the first alphabetically is the default without SNI. Renewed files are picked up without a reload.", ""),
     ("tls", "mode", "\"optional\": plaintext and TLS clients; \"required\": plaintext startups are refused with a FATAL that says to use TLS.", ""),
     ("tls", "domain", "Tenant domain: an SNI ending in .DOMAIN must name the user's tenant in its first label (acme.DOMAIN); SNI is never required.", "\"db.example.com\""),
@@ -495,6 +575,8 @@ pub struct Paths {
     pub maps_dir: PathBuf,
     pub backends_map: PathBuf,
     pub access_map: PathBuf,
+    /// Server id → backend, for routing a cancel request by the server that issued its key.
+    pub servers_map: PathBuf,
     pub lua: PathBuf,
     /// The router's wire-format module, loaded by `require` from `haproxy_dir`.
     pub lua_wire: PathBuf,
@@ -554,6 +636,7 @@ impl Paths {
             haproxy_cfg: haproxy_dir.join("pgs.cfg"),
             backends_map: maps_dir.join("backends.map"),
             access_map: maps_dir.join("access.map"),
+            servers_map: maps_dir.join("servers.map"),
             lua: haproxy_dir.join("pg-route.lua"),
             lua_wire: haproxy_dir.join("pgs_wire.lua"),
             staging_dir: haproxy_dir.join(".staging"),
@@ -587,6 +670,7 @@ impl Paths {
             haproxy_cfg: dir.join("pgs.cfg"),
             backends_map: maps_dir.join("backends.map"),
             access_map: maps_dir.join("access.map"),
+            servers_map: maps_dir.join("servers.map"),
             lua: dir.join("pg-route.lua"),
             lua_wire: dir.join("pgs_wire.lua"),
             tls_served_dir: dir.join("tls"),

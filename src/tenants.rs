@@ -230,6 +230,8 @@ pub struct Tenant {
     pub stopped: bool,
     /// Whether plaintext sessions may reach it.
     pub tls: TenantTls,
+    /// Most concurrent client sessions through HAProxy; `None`: the settings' default.
+    pub connection_limit: Option<u32>,
 }
 
 /// A tenant's TLS policy (`"tls"` in the tenants file). `required` refuses plaintext sessions
@@ -367,7 +369,8 @@ pub fn validate(doc: &Value) -> Result<Tenants, Vec<Problem>> {
                         }
                     };
                     let tenant = v.tenant(spec, &place);
-                    if let (Some(id), Some((access, instance, stopped, tls))) = (id, tenant) {
+                    if let (Some(id), Some((access, instance, stopped, tls, limit))) = (id, tenant)
+                    {
                         tenants.insert(
                             id.clone(),
                             Tenant {
@@ -376,6 +379,7 @@ pub fn validate(doc: &Value) -> Result<Tenants, Vec<Problem>> {
                                 instance,
                                 stopped,
                                 tls,
+                                connection_limit: limit,
                             },
                         );
                     }
@@ -432,13 +436,39 @@ impl Validator {
         }
     }
 
-    fn tenant(&mut self, spec: &Value, place: &str) -> Option<(Access, Instance, bool, TenantTls)> {
+    fn tenant(
+        &mut self,
+        spec: &Value,
+        place: &str,
+    ) -> Option<(Access, Instance, bool, TenantTls, Option<u32>)> {
         let obj = self.object(spec, place)?;
         self.known_keys(
             obj,
             place,
-            &["access", "external", "managed", "stopped", "tls"],
+            &[
+                "access",
+                "external",
+                "managed",
+                "stopped",
+                "tls",
+                "connection_limit",
+            ],
         );
+        let limit = match obj.get("connection_limit") {
+            None => Some(None),
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n <= 1_000_000) => {
+                Some(n.as_u64().map(|n| n as u32))
+            }
+            Some(other) => {
+                self.problem(
+                    &join(place, "connection_limit"),
+                    format!(
+                        "expected a number of sessions (0 for no limit, at most 1000000), found {other}"
+                    ),
+                );
+                None
+            }
+        };
         let tls = match obj.get("tls") {
             None => Some(TenantTls::default()),
             Some(Value::String(s)) if s == "optional" => Some(TenantTls::Optional),
@@ -495,7 +525,7 @@ impl Validator {
             (Some(ext), None) => self.external(ext, &join(place, "external")),
             (None, Some(m)) => self.managed(m, &join(place, "managed")),
         };
-        Some((access?, instance?, stopped?, tls?))
+        Some((access?, instance?, stopped?, tls?, limit?))
     }
 
     fn external(&mut self, value: &Value, place: &str) -> Option<Instance> {

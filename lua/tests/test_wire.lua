@@ -88,5 +88,33 @@ test("client bytes are quoted for logs", function()
     eq(wire.quote_for_log(string.rep("x", 70)), '"' .. string.rep("x", 64) .. '"...')
 end)
 
+test("cancel requests name their key, for protocol 3.0 and 3.2 lengths", function()
+    local pid = string.pack(">I4", 4242)
+    eq(wire.cancel_key(msg(wire.CODE_CANCEL_REQUEST, pid .. "\1\2\3\4")), "0000109201020304")
+    local long = msg(wire.CODE_CANCEL_REQUEST, pid .. string.rep("\255", 32))
+    eq(wire.cancel_key(long), "00001092" .. string.rep("FF", 32), "3.2: 32-byte key")
+    local _, err = wire.cancel_key(msg(wire.CODE_CANCEL_REQUEST, pid))
+    eq(err.reason, "bad_cancel_length", "no key")
+    _, err = wire.cancel_key(msg(wire.CODE_CANCEL_REQUEST, pid .. string.rep("x", 257)))
+    eq(err.reason, "bad_cancel_length", "key over 256 bytes")
+end)
+
+test("BackendKeyData gives the same key a cancel presents", function()
+    local body = string.pack(">I4", 4242) .. "\1\2\3\4"
+    local k = "K" .. string.pack(">I4", 4 + #body) .. body
+    eq(wire.server_message(k:sub(1, 5), 65536), "K")
+    eq(select(2, wire.server_message(k:sub(1, 5), 65536)), #k, "total length")
+    eq(wire.backend_key(k), wire.cancel_key(msg(wire.CODE_CANCEL_REQUEST, body)))
+    eq(wire.backend_key("K" .. string.pack(">I4", 8) .. "\0\0\0\1"), nil, "no key")
+    eq(wire.server_message("R" .. string.pack(">I4", 70000), 65536), nil, "too long")
+    eq(wire.server_message("R" .. string.pack(">I4", 3), 65536), nil, "too short")
+end)
+
+test("an ErrorResponse's SQLSTATE is found", function()
+    local e = wire.error_response("28P01", "password authentication failed")
+    eq(wire.error_code(e), "28P01")
+    eq(wire.error_code("Sxx"), nil)
+end)
+
 print(string.format("%d passed, %d failed", passed, failed))
 os.exit(failed == 0 and 0 or 1)

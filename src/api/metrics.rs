@@ -165,6 +165,12 @@ pub struct Sample {
     pub negotiations: Option<BTreeMap<String, u64>>,
     /// The certificates directory, when TLS is on.
     pub certificates: Option<Vec<crate::tls::CertStatus>>,
+    /// Stick tables from `show table`: (name, size, entries in use).
+    pub tables: Option<Vec<(String, u64, u64)>>,
+    /// Each tenant's effective session limit (0: none).
+    pub connection_limits: Vec<(String, u32)>,
+    /// Failed startups per source and window before the throttle.
+    pub failed_startups_threshold: u32,
     pub haproxy_up: bool,
     pub docker_up: Option<bool>,
 }
@@ -190,6 +196,31 @@ pub fn parse_negotiations(body: &str) -> BTreeMap<String, u64> {
             Some((f.next()?.to_owned(), f.next()?.parse().ok()?))
         })
         .collect()
+}
+
+/// Parses the reply of `show table` (lines `# table: NAME, type: T, size:N, used:M`).
+pub fn parse_tables(body: &str) -> Vec<(String, u64, u64)> {
+    body.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("# table: ")?;
+            let name = rest.split(',').next()?.trim().to_string();
+            let num = |tag: &str| -> Option<u64> {
+                rest.split(tag)
+                    .nth(1)?
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            };
+            Some((name, num("size:")?, num("used:")?))
+        })
+        .collect()
+}
+
+fn up_i64(v: i64) -> Gauge {
+    let g: Gauge = Gauge::default();
+    g.set(v);
+    g
 }
 
 /// The whole exposition: agent metrics plus `sample`, in the OpenMetrics text format.
@@ -330,6 +361,43 @@ pub fn render(agent: &AgentMetrics, sample: &Sample) -> Result<String, std::fmt:
         );
     }
 
+    let limits: Family<Labels, Gauge> = Family::default();
+    for (tenant, n) in &sample.connection_limits {
+        limits
+            .get_or_create(&labels(&[("tenant", tenant)]))
+            .set(i64::from(*n));
+    }
+    r.register(
+        "tenant_connection_limit",
+        "Most concurrent client sessions HAProxy lets through to the tenant (0: no limit); FATAL 53300 past it",
+        limits,
+    );
+    r.register(
+        "failed_startups_threshold",
+        "Failed startups one client address may have per window before it is refused for a while",
+        up_i64(i64::from(sample.failed_startups_threshold)),
+    );
+    if let Some(tables) = &sample.tables {
+        let size: Family<Labels, Gauge> = Family::default();
+        let used: Family<Labels, Gauge> = Family::default();
+        for (name, s, u) in tables {
+            size.get_or_create(&labels(&[("table", name)]))
+                .set(*s as i64);
+            used.get_or_create(&labels(&[("table", name)]))
+                .set(*u as i64);
+        }
+        r.register(
+            "stick_table_size",
+            "Most entries of HAProxy's stick table (cancel keys, sources, tenant sessions)",
+            size,
+        );
+        r.register(
+            "stick_table_entries",
+            "Entries in use in HAProxy's stick table; at the size, the oldest go first",
+            used,
+        );
+    }
+
     if let Some(n) = &sample.negotiations {
         let by: Family<Labels, Counter> = Family::default();
         for (via, count) in n {
@@ -454,6 +522,11 @@ mod tests {
                 served: None,
                 in_sync: Some(true),
             }]),
+            tables: Some(parse_tables(
+                "# table: pgs-cancel-keys, type: string, size:100000, used:3\n",
+            )),
+            connection_limits: vec![("acme".into(), 2)],
+            failed_startups_threshold: 20,
             haproxy_up: true,
             docker_up: Some(true),
         };
@@ -480,6 +553,10 @@ mod tests {
             "pgs_connections_by_negotiation_total{via=\"plain\"} 4",
             "pgs_tls_certificate_expiry_seconds{file=\"/srv/pgs/tls/db.pem\"} 86400",
             "pgs_tls_certificate_served{file=\"/srv/pgs/tls/db.pem\"} 1",
+            "pgs_tenant_connection_limit{tenant=\"acme\"} 2",
+            "pgs_failed_startups_threshold 20",
+            "pgs_stick_table_entries{table=\"pgs-cancel-keys\"} 3",
+            "pgs_stick_table_size{table=\"pgs-cancel-keys\"} 100000",
             "# EOF",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");

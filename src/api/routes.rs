@@ -508,6 +508,22 @@ async fn metrics(state: &State) -> Result<Resp, ApiError> {
         }
         None => None,
     };
+    let tables = api
+        .execute(&Command::ShowTables)
+        .await
+        .ok()
+        .map(|body| metrics::parse_tables(&body));
+    let limits = &state.agent.settings.limits;
+    let connection_limits = crate::tenants::load(&state.agent.paths.tenants_file)
+        .map(|t| {
+            t.iter()
+                .map(|t| {
+                    let n = t.connection_limit.unwrap_or(limits.tenant_connections);
+                    (t.id.to_string(), n)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let docker_up = match &state.docker {
         Some(d) => Some(d.ping().await.is_ok()),
         None => None,
@@ -521,6 +537,9 @@ async fn metrics(state: &State) -> Result<Resp, ApiError> {
         refused,
         negotiations,
         certificates,
+        tables,
+        connection_limits,
+        failed_startups_threshold: limits.failed_startups,
         docker_up,
     };
     let text = metrics::render(&state.metrics, &sample)

@@ -9,7 +9,7 @@ use askama::Template;
 
 use crate::fsutil;
 use crate::settings::{Agent, ConfigMode, Paths, Settings};
-use crate::tenants::{Access, Instance, Tenant, TenantTls, Tenants};
+use crate::tenants::{Access, Instance, Tenant, TenantId, TenantTls, Tenants};
 
 /// The startup-phase router, shipped inside the binary so an install is one file.
 pub const LUA_ROUTER: &str = include_str!("../../lua/pg-route.lua");
@@ -25,7 +25,20 @@ struct PgsCfg<'a> {
     lua_path: String,
     f: FrontendBlock<'a>,
     tls: Option<TlsBlock<'a>>,
+    tables: TablesBlock<'a>,
     backends: Vec<BackendBlock<'a>>,
+}
+
+/// The stick tables and their peers section.
+struct TablesBlock<'a> {
+    /// Hex of a cancel key: pid (4 bytes) + secret (up to 256 bytes in protocol 3.2).
+    key_len: u32,
+    cancel_keys: u32,
+    cancel_key_ttl: &'a str,
+    sources: u32,
+    failed_startups_window: &'a str,
+    /// Room for every tenant's session counter.
+    tenants: usize,
 }
 
 /// The internal TLS listener and the public frontend's TLS rules.
@@ -57,6 +70,9 @@ struct FrontendBlock<'a> {
     startup_timeout: &'a str,
     backends_map: String,
     access_map: String,
+    servers_map: String,
+    cancels_per_source: u32,
+    failed_startups: u32,
 }
 
 struct BackendBlock<'a> {
@@ -67,7 +83,16 @@ struct BackendBlock<'a> {
     session_timeout: &'a str,
     /// The tenant accepts only TLS sessions.
     tls_required: bool,
+    connection_limit: Option<u32>,
+    /// Unique across backends: the cancel-key table stores it (see [`server_ids`]).
+    server_id: u32,
+    key_capture_timeout: &'static str,
 }
+
+/// How long a backend reads the server's first messages for its BackendKeyData: longer than
+/// PostgreSQL's `authentication_timeout` (60 s), so a slow login still has its key recorded.
+/// It adds no latency: the reader forwards every message as it comes.
+const KEY_CAPTURE_TIMEOUT: &str = "70s";
 
 /// Everything pgs hands to HAProxy, as text, before any of it is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +100,8 @@ pub struct Rendered {
     pub cfg: String,
     pub backends_map: String,
     pub access_map: String,
+    /// Server id → backend name (see [`server_ids`]); it changes only with the backend set.
+    pub servers_map: String,
     /// TLS is on: the certificates directory's files are copied where HAProxy loads them.
     pub tls: bool,
 }
@@ -95,9 +122,12 @@ pub fn render(settings: &Settings, paths: &Paths, tenants: &Tenants) -> Rendered
         threads: h.threads,
         hard_stop_after: h.hard_stop_after.as_deref(),
     });
+    let ids = server_ids(tenants);
+    let limits = &settings.limits;
     let backends = tenants
         .iter()
         .filter_map(|t| {
+            let limit = t.connection_limit.unwrap_or(limits.tenant_connections);
             Some(BackendBlock {
                 name: t.id.backend_name(),
                 server: t.id.as_str(),
@@ -105,6 +135,9 @@ pub fn render(settings: &Settings, paths: &Paths, tenants: &Tenants) -> Rendered
                 connect_timeout: &h.connect_timeout,
                 session_timeout: &h.session_timeout,
                 tls_required: t.tls == TenantTls::Required,
+                connection_limit: (limit > 0).then_some(limit),
+                server_id: ids[&t.id],
+                key_capture_timeout: KEY_CAPTURE_TIMEOUT,
             })
         })
         .collect();
@@ -133,8 +166,19 @@ pub fn render(settings: &Settings, paths: &Paths, tenants: &Tenants) -> Rendered
             startup_timeout: &h.startup_timeout,
             backends_map: paths.backends_map.display().to_string(),
             access_map: paths.access_map.display().to_string(),
+            servers_map: paths.servers_map.display().to_string(),
+            cancels_per_source: limits.cancels_per_source,
+            failed_startups: limits.failed_startups,
         },
         tls,
+        tables: TablesBlock {
+            key_len: 2 * (4 + 256),
+            cancel_keys: limits.cancel_keys,
+            cancel_key_ttl: &limits.cancel_key_ttl,
+            sources: limits.sources,
+            failed_startups_window: &limits.failed_startups_window,
+            tenants: tenants.len().max(1) * 2,
+        },
         backends,
     };
     let mut cfg = cfg.render().expect("templates render");
@@ -143,8 +187,35 @@ pub fn render(settings: &Settings, paths: &Paths, tenants: &Tenants) -> Rendered
         cfg,
         backends_map: map_file(backends_entries(tenants, paths)),
         access_map: map_file(access_entries(tenants)),
+        servers_map: map_file(
+            tenants
+                .iter()
+                .filter(|t| server_address(t, paths).is_some())
+                .map(|t| (ids[&t.id].to_string(), t.id.backend_name())),
+        ),
         tls: settings.tls.is_some(),
     }
+}
+
+/// Each tenant's server id, unique across backends and the same from one render to the next
+/// (a key recorded before a reload must still name the right server after it): a hash of the
+/// tenant id, probed upwards in tenant order on the rare collision.
+pub fn server_ids(tenants: &Tenants) -> std::collections::BTreeMap<TenantId, u32> {
+    let mut taken = std::collections::BTreeSet::new();
+    let mut out = std::collections::BTreeMap::new();
+    for t in tenants.iter() {
+        // FNV-1a, 31 bits (HAProxy ids are positive).
+        let mut h: u32 = 0x811c_9dc5;
+        for b in t.id.as_str().bytes() {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        let mut id = (h & 0x7fff_ffff).max(1);
+        while !taken.insert(id) {
+            id = (id % 0x7fff_ffff) + 1;
+        }
+        out.insert(t.id.clone(), id);
+    }
+    out
 }
 
 /// Where HAProxy dials the tenant's server: an external address, or the managed container's
@@ -199,13 +270,19 @@ pub struct Installed {
     pub cfg: bool,
     pub backends_map: bool,
     pub access_map: bool,
+    pub servers_map: bool,
     pub lua: bool,
     pub certificates: bool,
 }
 
 impl Installed {
     pub fn any(&self) -> bool {
-        self.cfg || self.backends_map || self.access_map || self.lua || self.certificates
+        self.cfg
+            || self.backends_map
+            || self.access_map
+            || self.servers_map
+            || self.lua
+            || self.certificates
     }
 }
 
@@ -227,6 +304,7 @@ pub fn install(paths: &Paths, r: &Rendered) -> std::io::Result<Installed> {
             0o644,
         )?,
         access_map: fsutil::write_if_changed(&paths.access_map, r.access_map.as_bytes(), 0o644)?,
+        servers_map: fsutil::write_if_changed(&paths.servers_map, r.servers_map.as_bytes(), 0o644)?,
         lua: install_lua(paths)?,
         // Certificates that parse; `check` runs `haproxy -c` on the same before a live install.
         certificates: r.tls && crate::tls::install_served(&paths.tls_dir, &paths.tls_served_dir)?,
@@ -382,7 +460,8 @@ mod tests {
             .cfg
             .lines()
             .any(|l| l.trim_start().starts_with("default_backend")));
-        assert!(!r.cfg.contains("\nbackend "));
+        // Only the tables' holders: no tenant backend.
+        assert!(!r.cfg.contains("\nbackend pgs_"));
     }
 
     #[test]
@@ -422,6 +501,63 @@ mod tests {
         let plain = golden(TWO_TENANTS, ConfigMode::Full);
         assert!(plain.cfg.contains("lua.pgs_route plain"));
         assert!(!plain.cfg.contains("pgs-tls"));
+    }
+
+    #[test]
+    fn server_ids_are_unique_and_do_not_move_when_tenants_come_and_go() {
+        let many: String = (0..2000)
+            .map(|i| format!(r#""t{i}": {{"external": {{"address": "127.0.0.1:1"}}}}"#))
+            .collect::<Vec<_>>()
+            .join(",");
+        let doc: serde_json::Value =
+            serde_json::from_str(&format!(r#"{{"version": 1, "tenants": {{{many}}}}}"#)).unwrap();
+        let all = server_ids(&validate(&doc).unwrap());
+        let unique: std::collections::BTreeSet<_> = all.values().collect();
+        assert_eq!(unique.len(), 2000);
+        assert!(all.values().all(|&id| id > 0 && id <= 0x7fff_ffff));
+        let two: serde_json::Value = serde_json::from_str(TWO_TENANTS).unwrap();
+        let before = server_ids(&validate(&two).unwrap());
+        let mut doc3 = two.clone();
+        doc3["tenants"]["zeta"] = serde_json::json!({"external": {"address": "127.0.0.1:1"}});
+        let after = server_ids(&validate(&doc3).unwrap());
+        for (id, sid) in &before {
+            assert_eq!(after[id], *sid, "{id} moved");
+        }
+        // The servers map names each id's backend; cancels are routed through it.
+        let r = golden(TWO_TENANTS, ConfigMode::Full);
+        assert!(r.servers_map.contains(&format!(
+            "{} pgs_acme\n",
+            before[&TenantId::parse("acme").unwrap()]
+        )));
+    }
+
+    #[test]
+    fn connection_limits_come_from_the_tenant_or_the_default() {
+        let doc: serde_json::Value = serde_json::from_str(
+            r#"{"version": 1, "tenants": {
+                "acme": {"connection_limit": 2, "external": {"address": "127.0.0.1:1"}},
+                "globex": {"external": {"address": "127.0.0.1:2"}},
+                "initech": {"connection_limit": 0, "external": {"address": "127.0.0.1:3"}}
+            }}"#,
+        )
+        .unwrap();
+        let settings = Settings::default();
+        let paths = Paths::new(Path::new("/srv/pgs/pgs.toml"), &settings);
+        let cfg = render(&settings, &paths, &validate(&doc).unwrap()).cfg;
+        let section = |name: &str| cfg.split(&format!("backend {name}\n")).nth(1).unwrap();
+        assert!(section("pgs_acme").contains("sc2_conn_cur(pgs-tenant-sessions) gt 2 }"));
+        assert!(section("pgs_globex").contains("sc2_conn_cur(pgs-tenant-sessions) gt 100 }"));
+        assert!(!section("pgs_initech")
+            .split("\nbackend")
+            .next()
+            .unwrap()
+            .contains("track-sc2"));
+        let bad: serde_json::Value = serde_json::from_str(
+            r#"{"version": 1, "tenants": {"acme": {"connection_limit": -1, "external": {"address": "127.0.0.1:1"}}}}"#,
+        )
+        .unwrap();
+        let problems = validate(&bad).unwrap_err();
+        assert_eq!(problems[0].place, "tenants.acme.connection_limit");
     }
 
     #[test]

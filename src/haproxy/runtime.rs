@@ -308,6 +308,16 @@ pub enum Command {
     /// `add ssl crt-list <list> <file>`: serves a committed new certificate on every bind
     /// that loads the crt-list or directory `list`.
     AddSslCrtList { list: PathBuf, file: PathBuf },
+    /// `show table`: every stick table's name, size and entries in use.
+    ShowTables,
+    /// `show table <table>`: a stick table's entries.
+    ShowTable { table: String },
+    /// `set table <table> key <key> data.server_id <id>`: records which server a key maps to.
+    SetTableServerId {
+        table: String,
+        key: String,
+        server_id: u32,
+    },
 }
 
 /// The shape of a successful reply, by command.
@@ -326,6 +336,7 @@ enum Expect {
     SslTransaction,
     /// A multi-step command that ends its reply with `Success!`.
     SslSuccess,
+    Table,
 }
 
 impl Command {
@@ -460,6 +471,17 @@ impl Command {
                 check_path("crt-list", list)?,
                 check_path("certificate file", file)?
             ),
+            Command::ShowTables => "show table".to_string(),
+            Command::ShowTable { table } => format!("show table {}", check_name("table", table)?),
+            Command::SetTableServerId {
+                table,
+                key,
+                server_id,
+            } => format!(
+                "set table {} key {} data.server_id {server_id}",
+                check_name("table", table)?,
+                check_token("table key", key)?
+            ),
         })
     }
 
@@ -476,6 +498,8 @@ impl Command {
             Command::NewSslCert { .. } => Expect::SslNewStore,
             Command::SetSslCert { .. } | Command::AbortSslCert { .. } => Expect::SslTransaction,
             Command::CommitSslCert { .. } | Command::AddSslCrtList { .. } => Expect::SslSuccess,
+            Command::ShowTable { .. } | Command::ShowTables => Expect::Table,
+            Command::SetTableServerId { .. } => Expect::Empty,
             Command::AddMap { .. }
             | Command::SetMap { .. }
             | Command::DelMap { .. }
@@ -596,6 +620,7 @@ fn check_reply(cmd: &Command, rendered: &str, body: String) -> Result<String, Ru
         Expect::SslNewStore => body.starts_with("New empty certificate store"),
         Expect::SslTransaction => body.starts_with("Transaction "),
         Expect::SslSuccess => body.lines().any(|l| l.trim() == "Success!"),
+        Expect::Table => body.starts_with("# table: "),
         Expect::ServersState => body
             .lines()
             .next()

@@ -174,6 +174,40 @@ pub fn psql(conninfo: &str, password: &str, sql: &str) -> (bool, String, String)
     )
 }
 
+/// Sends a StartupMessage for `user` straight to pgs on `port` and returns the SQLSTATE and
+/// message of the ErrorResponse it gets (panics on anything else).
+pub fn raw_startup_error(port: u16, user: &str) -> (String, String) {
+    let mut pairs: Vec<u8> = Vec::new();
+    pairs.extend(b"user\0");
+    pairs.extend(user.as_bytes());
+    pairs.extend(b"\0database\0postgres\0\0");
+    let mut m = Vec::new();
+    m.extend((8 + pairs.len() as u32).to_be_bytes());
+    m.extend((3u32 << 16).to_be_bytes());
+    m.extend(pairs);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&m).unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    assert_eq!(
+        reply.first(),
+        Some(&b'E'),
+        "not an ErrorResponse: {reply:?}"
+    );
+    let mut code = String::new();
+    let mut message = String::new();
+    for field in reply[5..].split(|&b| b == 0).filter(|f| !f.is_empty()) {
+        let text = String::from_utf8_lossy(&field[1..]).into_owned();
+        match field[0] {
+            b'C' => code = text,
+            b'M' => message = text,
+            _ => {}
+        }
+    }
+    (code, message)
+}
+
 /// A pgs layout made by `pgs-agent init`, with its listen port and its HTTP API port (its own,
 /// so daemons of parallel tests never fight over the default API address).
 pub struct Layout {
