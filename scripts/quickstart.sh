@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job on a fresh Debian 12 machine, as root: install what is missing, start a Docker
 # engine, build the agent and the tenant image, create a layout, start HAProxy and
-# `pgs-agent run`, create an enabled demo tenant, and print the psql line.
+# `pgs-agent run`, create an enabled demo tenant, and print the psql line. TLS is on: a local
+# CA and a certificate for localhost are made in the layout (DIR/ca), so sslmode=require and
+# verify-full work at once.
 # Idempotent: a second run reuses everything that is there, and brings the demo tenant back to
 # started and enabled if you stopped or disabled it. Needs Rust (rustup), see README.md.
 #
@@ -72,11 +74,20 @@ else
 fi
 cargo build --release --locked
 
+step "local CA and a certificate for localhost ($dir/ca)"
+scripts/make-local-ca.sh "$dir/ca"
 if [ -f "$cfg" ]; then
     step "layout $dir exists; reusing it"
+    if ! grep -q '^\[tls\]' "$cfg"; then
+        step "turning TLS on in the existing layout ([tls] in $cfg)"
+        install -d -m 0700 "$dir/tls"
+        install -m 0600 "$dir/ca/localhost.pem" "$dir/tls/localhost.pem"
+        printf '\n[tls]\ncertificates = "tls"\nmode = "optional"\n' >>"$cfg"
+    fi
 else
     step "creating layout $dir"
-    "$agent" init "$dir" --listen "$listen" --api-listen "$api_listen" --docker-prefix pgsdemo
+    "$agent" init "$dir" --listen "$listen" --api-listen "$api_listen" --docker-prefix pgsdemo \
+        --tls-cert "$dir/ca/localhost.pem"
     step "this script runs those next steps itself"
 fi
 
@@ -84,7 +95,8 @@ step "rendering HAProxy's files"
 "$agent" -c "$cfg" render
 
 if alive "$dir/run/haproxy-master.pid"; then
-    step "HAProxy already running (pid $(cat "$dir/run/haproxy-master.pid"))"
+    step "HAProxy already running (pid $(cat "$dir/run/haproxy-master.pid")); reloading it for any new listener"
+    "$agent" -c "$cfg" sync >/dev/null || true
 else
     step "starting HAProxy: haproxy -W -S $dir/run/master.sock -f $dir/haproxy/pgs.cfg"
     setsid nohup haproxy -W -S "$dir/run/master.sock" -f "$dir/haproxy/pgs.cfg" \
@@ -112,8 +124,10 @@ else
 fi
 
 # The password reaches psql through its environment, never its command line.
+verify="sslmode=verify-full sslrootcert=$dir/ca/ca.crt host=localhost"
 (eval "$("$agent" -c "$cfg" tenant credentials "$tenant" --format env)" &&
-    psql -X -Atqc "select 'demo tenant answers: ' || current_user" >/dev/null) \
+    psql -X -Atqc "select 'demo tenant answers: ' || current_user" >/dev/null &&
+    psql "$verify" -X -Atqc "select 1" >/dev/null) \
     || { echo "the demo tenant does not answer through HAProxy; see $dir/agent.log" >&2; exit 1; }
 step "done"
 cat <<EOF
@@ -123,10 +137,16 @@ through PGPASSWORD, so it never shows in \`ps\`):
 
   (eval "\$($agent -c $cfg tenant credentials $tenant --format env)" && psql)
 
+The connection is encrypted (psql's default sslmode=prefer takes the TLS pgs offers). To also
+verify the server's certificate against the layout's local CA:
+
+  (eval "\$($agent -c $cfg tenant credentials $tenant --format env)" && psql "$verify")
+
 More:
   $agent -c $cfg tenant create acme --enable     another tenant
   $agent -c $cfg access disable $tenant           refuse new connections, instantly
   $agent -c $cfg tenant list
+  $agent -c $cfg tls status                       the certificate HAProxy serves
   logs: $dir/agent.log, $dir/haproxy.log
   stop: scripts/quickstart.sh stop      remove everything: scripts/quickstart.sh purge
 EOF
