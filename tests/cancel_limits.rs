@@ -7,46 +7,27 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{
-    agent, find_tool, free_port, have_tools, psql, wait_for, Haproxy, Layout, Postgres, Session,
-};
+use crate::support::stack::{Options, TwoTenants};
+use crate::support::{agent, find_tool, psql, wait_for, Postgres, Session};
 
-/// `acme` (unix socket) and `globex` (loopback TCP), both enabled, with `tenants_extra`
-/// spliced into acme's entry and `settings` applied to pgs.toml.
-struct Stack {
-    haproxy: Haproxy,
-    acme: Postgres,
-    globex: Postgres,
-    layout: Layout,
+/// The two-tenant stack with `acme_fields` in acme's entry and `settings` in pgs.toml.
+struct Stack(TwoTenants);
+
+impl std::ops::Deref for Stack {
+    type Target = TwoTenants;
+    fn deref(&self) -> &TwoTenants {
+        &self.0
+    }
 }
 
 impl Stack {
-    fn start(acme_extra: &str, settings: &[(&str, &str)]) -> Option<Stack> {
-        if !have_tools(&["haproxy", "psql", "initdb", "postgres", "pg_isready"]) {
-            return None;
-        }
-        let layout = Layout::init();
-        for (from, to) in settings {
-            layout.edit_settings(|s| s.replace(from, to));
-        }
-        let acme = Postgres::start(layout.dir.path(), "pg_acme", "acme", None);
-        let globex = Postgres::start(layout.dir.path(), "pg_globex", "globex", Some(free_port()));
-        layout.write_tenants(&format!(
-            r#"{{"version": 1, "tenants": {{
-                "acme":   {{"access": "enabled", {acme_extra} "external": {{"address": "{}"}}}},
-                "globex": {{"access": "enabled", "external": {{"address": "127.0.0.1:{}"}}}}
-            }}}}"#,
-            acme.socket_path().display(),
-            globex.port
-        ));
-        layout.render();
-        let haproxy = layout.start_haproxy();
-        Some(Stack {
-            haproxy,
-            acme,
-            globex,
-            layout,
+    fn start(acme_fields: &str, settings: &[(&str, &str)]) -> Option<Stack> {
+        TwoTenants::with(Options {
+            acme_fields,
+            settings,
+            ..Options::default()
         })
+        .map(Stack)
     }
 
     fn conninfo(&self, user: &str) -> String {
@@ -80,11 +61,6 @@ impl Stack {
             );
             (ok && out == "1").then_some(())
         });
-    }
-
-    fn cancel_sessions(&self) -> u64 {
-        self.haproxy.stat("pgs_acme", "acme", "stot")
-            + self.haproxy.stat("pgs_globex", "globex", "stot")
     }
 }
 
@@ -200,7 +176,7 @@ fn forged_keys_are_dropped_and_cancels_never_cross_tenants() {
         .parse()
         .unwrap();
     let (acme_before, globex_before) = (connections_logged(&s.acme), connections_logged(&s.globex));
-    let sessions = s.cancel_sessions();
+    let sessions = s.server_sessions();
     for forged in [
         cancel_request(pid, &[1, 2, 3, 4]),
         cancel_request(12345, &[9, 9, 9, 9]),
@@ -212,7 +188,7 @@ fn forged_keys_are_dropped_and_cancels_never_cross_tenants() {
         );
     }
     assert_eq!(
-        s.cancel_sessions(),
+        s.server_sessions(),
         sessions,
         "a forged cancel reached a server"
     );

@@ -1,57 +1,6 @@
 //! Routing through real HAProxy + pg-route.lua to two real PostgreSQL servers.
 
-use crate::support::{have_tools, psql, Haproxy, Layout, Postgres};
-
-/// Two tenants: `acme` on a unix socket, `globex` on loopback TCP; both enabled unless a test
-/// says otherwise. `cluster_name` tells which server answered.
-pub struct TwoTenants {
-    pub haproxy: Haproxy,
-    pub acme: Postgres,
-    pub globex: Postgres,
-    pub layout: Layout,
-}
-
-impl TwoTenants {
-    pub fn start(globex_access: &str) -> Option<TwoTenants> {
-        if !have_tools(&["haproxy", "psql", "initdb", "postgres", "pg_isready"]) {
-            return None;
-        }
-        let layout = Layout::init();
-        let acme = Postgres::start(layout.dir.path(), "pg_acme", "acme", None);
-        let globex = Postgres::start(
-            layout.dir.path(),
-            "pg_globex",
-            "globex",
-            Some(crate::support::free_port()),
-        );
-        layout.write_tenants(&format!(
-            r#"{{"version": 1, "tenants": {{
-                "acme":   {{"access": "enabled", "external": {{"address": "{}"}}}},
-                "globex": {{"access": "{globex_access}", "external": {{"address": "127.0.0.1:{}"}}}}
-            }}}}"#,
-            acme.socket_path().display(),
-            globex.port
-        ));
-        layout.render();
-        let haproxy = layout.start_haproxy();
-        Some(TwoTenants {
-            haproxy,
-            acme,
-            globex,
-            layout,
-        })
-    }
-
-    /// Runs `sql` through HAProxy as `user`, with the right password for that tenant.
-    pub fn query(&self, user: &str, extra: &str, sql: &str) -> (bool, String, String) {
-        let pw = match user {
-            "acme" => &self.acme.password,
-            "globex" => &self.globex.password,
-            _ => "nope",
-        };
-        psql(&self.layout.conninfo(user, extra), pw, sql)
-    }
-}
+pub use crate::support::stack::TwoTenants;
 
 #[test]
 fn each_tenant_is_answered_by_its_own_server() {

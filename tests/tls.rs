@@ -8,32 +8,28 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::support::agent::{master_reloads, AgentProcess};
+use crate::support::stack::{Options, TwoTenants};
 use crate::support::tls::{self, TestCerts, DOMAIN};
-use crate::support::{
-    agent, agent_ok, have_tools, psql, temp_dir, wait_for, Haproxy, Layout, Postgres, Session,
-};
+use crate::support::{agent, agent_ok, have_tools, temp_dir, wait_for, Session};
 
-/// `acme` (unix socket, TLS optional) and `globex` (loopback TCP, `"tls": "required"`), both
-/// enabled, behind a layout made with `init --tls-cert ... --tls-domain db.test`; a 1 s
+/// The two-tenant stack behind a layout made with `init --tls-cert ... --tls-domain db.test`:
+/// `acme` (unix socket, TLS optional) and `globex` (loopback TCP, `"tls": "required"`), a 1 s
 /// startup timeout.
 struct TlsStack {
-    haproxy: Haproxy,
-    acme: Postgres,
-    globex: Postgres,
-    layout: Layout,
+    t: TwoTenants,
     certs: TestCerts,
+}
+
+impl std::ops::Deref for TlsStack {
+    type Target = TwoTenants;
+    fn deref(&self) -> &TwoTenants {
+        &self.t
+    }
 }
 
 impl TlsStack {
     fn start(mode: &str) -> Option<TlsStack> {
-        if !have_tools(&[
-            "haproxy",
-            "psql",
-            "initdb",
-            "postgres",
-            "pg_isready",
-            "openssl",
-        ]) {
+        if !have_tools(&["openssl"]) {
             return None;
         }
         if tls::python().is_none() {
@@ -47,9 +43,9 @@ impl TlsStack {
         }
         let dir = temp_dir();
         let certs = TestCerts::new(dir.path());
-        let layout = Layout::init_with(
-            dir,
-            &[
+        let t = TwoTenants::with(Options {
+            dir: Some(dir),
+            init_args: &[
                 "--tls-cert",
                 certs.server_pem.to_str().unwrap(),
                 "--tls-domain",
@@ -57,50 +53,15 @@ impl TlsStack {
                 "--tls-mode",
                 mode,
             ],
-        );
-        layout.edit_settings(|s| s.replace("startup_timeout = \"5s\"", "startup_timeout = \"1s\""));
-        let acme = Postgres::start(layout.dir.path(), "pg_acme", "acme", None);
-        let globex = Postgres::start(
-            layout.dir.path(),
-            "pg_globex",
-            "globex",
-            Some(crate::support::free_port()),
-        );
-        layout.write_tenants(&format!(
-            r#"{{"version": 1, "tenants": {{
-                "acme":   {{"access": "enabled", "external": {{"address": "{}"}}}},
-                "globex": {{"access": "enabled", "tls": "required",
-                            "external": {{"address": "127.0.0.1:{}"}}}}
-            }}}}"#,
-            acme.socket_path().display(),
-            globex.port
-        ));
-        layout.render();
-        let haproxy = layout.start_haproxy();
-        Some(TlsStack {
-            haproxy,
-            acme,
-            globex,
-            layout,
-            certs,
-        })
-    }
-
-    fn password(&self, user: &str) -> &str {
-        match user {
-            "acme" => &self.acme.password,
-            "globex" => &self.globex.password,
-            _ => "nope",
-        }
+            settings: &[("startup_timeout = \"5s\"", "startup_timeout = \"1s\"")],
+            globex_fields: r#""tls": "required","#,
+            ..Options::default()
+        })?;
+        Some(TlsStack { t, certs })
     }
 
     fn cert_file(&self) -> PathBuf {
         self.layout.root().join("tls/server.pem")
-    }
-
-    /// psql (libpq 15) through pgs as `user`, with `extra` conninfo.
-    fn psql(&self, user: &str, extra: &str, sql: &str) -> (bool, String, String) {
-        psql(&self.layout.conninfo(user, extra), self.password(user), sql)
     }
 
     /// Runs tls_client.py and returns its JSON report.
@@ -148,19 +109,16 @@ impl TlsStack {
         self.certs.ca.to_str().unwrap()
     }
 
-    /// Sessions HAProxy handed to the tenants' servers (a TLS-required tenant's backend sees
-    /// the plaintext session it refuses; its server does not).
-    fn sessions(&self) -> u64 {
-        self.haproxy.stat("pgs_acme", "acme", "stot")
-            + self.haproxy.stat("pgs_globex", "globex", "stot")
-    }
-
     /// Runs a raw exchange that must be refused without reaching a tenant's server.
     fn refused(&self, case: &str, args: &[&str]) -> Value {
-        let before = self.sessions();
+        let before = self.server_sessions();
         let r = self.client(args);
         assert_ne!(r["reply"], "auth", "{case}: reached a server: {r}");
-        assert_eq!(self.sessions(), before, "{case}: reached a backend: {r}");
+        assert_eq!(
+            self.server_sessions(),
+            before,
+            "{case}: reached a backend: {r}"
+        );
         r
     }
 }
@@ -177,7 +135,7 @@ fn real_clients_over_tls_land_on_their_own_tenant() {
     for (user, cluster) in [("acme", "pg_acme"), ("globex", "pg_globex")] {
         // Debian's libpq 15: the classic SSLRequest.
         for extra in ["sslmode=require", verify.as_str()] {
-            let (ok, out, err) = t.psql(user, extra, "show cluster_name");
+            let (ok, out, err) = t.query(user, extra, "show cluster_name");
             assert!(ok, "psql {user} {extra}: {err}");
             assert_eq!(
                 out, cluster,
@@ -209,7 +167,7 @@ fn real_clients_over_tls_land_on_their_own_tenant() {
     );
     assert_eq!(r["value"], "acme", "{r}");
     // Optional mode: plaintext still works for a tenant that does not require TLS.
-    let (ok, out, err) = t.psql("acme", "sslmode=disable", "show cluster_name");
+    let (ok, out, err) = t.query("acme", "sslmode=disable", "show cluster_name");
     assert!(ok && out == "pg_acme", "{err}");
     // The client's address survives the internal hop: the TLS frontend logs it.
     let log = t.haproxy.log_text();
@@ -311,9 +269,9 @@ fn required_mode_refuses_every_plaintext_startup_alike() {
         .as_str()
         .unwrap()
         .contains("encryption required"));
-    let (ok, _, err) = t.psql("acme", "sslmode=disable", "select 1");
+    let (ok, _, err) = t.query("acme", "sslmode=disable", "select 1");
     assert!(!ok && err.contains("encryption required"), "{err}");
-    let (ok, out, err) = t.psql("acme", "sslmode=prefer", "show cluster_name");
+    let (ok, out, err) = t.query("acme", "sslmode=prefer", "show cluster_name");
     assert!(ok && out == "pg_acme", "{err}");
 }
 
@@ -409,8 +367,8 @@ fn renewed_certificates_are_served_without_a_reload() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("problem") && text.contains("NO"), "{text}");
     drop(session);
-    t.haproxy.stop();
-    t.haproxy = t.layout.start_haproxy();
+    t.t.haproxy.stop();
+    t.t.haproxy = t.layout.start_haproxy();
     assert_eq!(
         serial(&t),
         renewed,

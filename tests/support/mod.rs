@@ -8,6 +8,7 @@ pub mod agent;
 pub mod docker;
 pub mod pg;
 pub mod proxy;
+pub mod stack;
 pub mod tls;
 
 use std::io::{Read, Write};
