@@ -21,6 +21,8 @@ pub enum Poke {
     Signal,
     Docker(String),
     Api,
+    /// The Docker engine answers again after it went away.
+    DockerBack,
 }
 
 /// Loop timing.
