@@ -15,8 +15,8 @@ use crate::fsutil::{self, FileLock};
 use crate::haproxy::maps::{self, Entries};
 use crate::haproxy::master::MasterCli;
 use crate::haproxy::render::{self, Rendered};
-use crate::haproxy::runtime::Info;
-use crate::instances::{InstanceDriver, ObservedInstance};
+use crate::haproxy::runtime::{Info, RuntimeError};
+use crate::instances::{DriverError, InstanceDriver, ObservedInstance};
 use crate::plan::{self, Desired, InstanceStep, MapStep, Observed, Plan};
 use crate::settings::Agent;
 use crate::tenants::{self, Instance, TenantId, Tenants};
@@ -37,7 +37,7 @@ pub struct Report {
     /// Steps that were carried out, one line each.
     pub done: Vec<String>,
     /// Problems, one line each; a pass with problems exits non-zero.
-    pub errors: Vec<String>,
+    pub errors: Vec<Problem>,
     pub reloaded: bool,
     /// Tenants left unroutable because their server is not ready.
     pub held_back: Vec<TenantId>,
@@ -50,6 +50,101 @@ pub struct Report {
 impl Report {
     pub fn changed(&self) -> bool {
         !self.done.is_empty()
+    }
+
+    fn problem(&mut self, kind: ProblemKind, message: impl Into<String>) {
+        self.errors.push(Problem::new(kind, message));
+    }
+}
+
+/// What part of the world a problem is about: the metrics and alerts count problems by it,
+/// so it is set where the problem happens, never guessed from the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemKind {
+    /// A tenant's server: create, start, stop, remove, readiness.
+    Instance,
+    /// HAProxy refused the candidate configuration, or its files could not be written.
+    Config,
+    /// The reload failed; the previous files were put back.
+    Reload,
+    /// A map file or HAProxy's runtime maps.
+    Maps,
+    /// The pass did not run: the tenants file is missing or does not validate.
+    TenantsFile,
+    /// The pass did not run: the Docker engine did not answer.
+    Docker,
+    /// The pass did not run: HAProxy's Runtime API answered strangely.
+    Haproxy,
+    /// Anything else (e.g. a lock file that cannot be opened).
+    Other,
+}
+
+impl ProblemKind {
+    pub const ALL: [ProblemKind; 8] = [
+        ProblemKind::Instance,
+        ProblemKind::Config,
+        ProblemKind::Reload,
+        ProblemKind::Maps,
+        ProblemKind::TenantsFile,
+        ProblemKind::Docker,
+        ProblemKind::Haproxy,
+        ProblemKind::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProblemKind::Instance => "instance",
+            ProblemKind::Config => "config",
+            ProblemKind::Reload => "reload",
+            ProblemKind::Maps => "maps",
+            ProblemKind::TenantsFile => "tenants_file",
+            ProblemKind::Docker => "docker",
+            ProblemKind::Haproxy => "haproxy",
+            ProblemKind::Other => "other",
+        }
+    }
+
+    /// The kind of an error that stopped a whole pass, from its type.
+    pub fn of_failed_pass(e: &anyhow::Error) -> ProblemKind {
+        if e.downcast_ref::<tenants::LoadError>().is_some() {
+            ProblemKind::TenantsFile
+        } else if e.downcast_ref::<DriverError>().is_some() {
+            ProblemKind::Docker
+        } else if e.downcast_ref::<RuntimeError>().is_some() {
+            ProblemKind::Haproxy
+        } else {
+            ProblemKind::Other
+        }
+    }
+}
+
+/// One problem of a pass: its kind and the line people read. Serialized as the line alone, so
+/// `sync --json` reads as before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub kind: ProblemKind,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(kind: ProblemKind, message: impl Into<String>) -> Problem {
+        Problem {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl Serialize for Problem {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.message)
     }
 }
 
@@ -208,7 +303,7 @@ async fn apply<D: InstanceDriver>(
     let api = runtime_api(agent);
     let maps_lock = FileLock::exclusive(&agent.paths.maps_lock);
     if let Err(e) = &maps_lock {
-        report.errors.push(format!("cannot lock the maps: {e}"));
+        report.problem(ProblemKind::Maps, format!("cannot lock the maps: {e}"));
         return;
     }
 
@@ -223,9 +318,10 @@ async fn apply<D: InstanceDriver>(
         let mut on_file = maps::read_file(&agent.paths.access_map);
         on_file.retain(|k, _| !closing(k));
         if let Err(e) = maps::write_file(&agent.paths.access_map, &on_file) {
-            report
-                .errors
-                .push(format!("writing {}: {e}", agent.paths.access_map.display()));
+            report.problem(
+                ProblemKind::Maps,
+                format!("writing {}: {e}", agent.paths.access_map.display()),
+            );
         }
         let mut keep = observed.runtime_access.clone().unwrap_or_default();
         keep.retain(|k, _| !closing(k));
@@ -244,7 +340,7 @@ async fn apply<D: InstanceDriver>(
                     .iter()
                     .map(|s| format!("access closed: {}", key_of(s))),
             ),
-            Err(e) => report.errors.push(format!("closing access: {e}")),
+            Err(e) => report.problem(ProblemKind::Maps, format!("closing access: {e}")),
         }
     }
 
@@ -272,7 +368,7 @@ async fn apply<D: InstanceDriver>(
             match result {
                 Ok(()) => report.done.push(describe_instance(step)),
                 Err(e) => {
-                    report.errors.push(e.to_string());
+                    report.problem(ProblemKind::Instance, e.to_string());
                     failed.insert(id.clone());
                 }
             }
@@ -316,9 +412,10 @@ async fn apply<D: InstanceDriver>(
                 .done
                 .push(format!("map file written: {}", path.display())),
             Ok(false) => {}
-            Err(e) => report
-                .errors
-                .push(format!("writing {}: {e}", path.display())),
+            Err(e) => report.problem(
+                ProblemKind::Maps,
+                format!("writing {}: {e}", path.display()),
+            ),
         }
     }
     if observed.haproxy_running && config_ok {
@@ -326,7 +423,7 @@ async fn apply<D: InstanceDriver>(
             Ok(steps) => report
                 .done
                 .extend(steps.iter().map(|s| format!("backends map: {}", key_of(s)))),
-            Err(e) => report.errors.push(format!("backends map: {e}")),
+            Err(e) => report.problem(ProblemKind::Maps, format!("backends map: {e}")),
         }
     }
     if observed.haproxy_running {
@@ -335,7 +432,7 @@ async fn apply<D: InstanceDriver>(
                 MapStep::Set { key, .. } => format!("access opened: {key}"),
                 MapStep::Del { key } => format!("access closed: {key}"),
             })),
-            Err(e) => report.errors.push(format!("access map: {e}")),
+            Err(e) => report.problem(ProblemKind::Maps, format!("access map: {e}")),
         }
     }
     drop(maps_lock);
@@ -353,7 +450,7 @@ async fn apply<D: InstanceDriver>(
                     step.tenant(),
                     r.volume.as_deref().unwrap_or("-")
                 )),
-                Err(e) => report.errors.push(e.to_string()),
+                Err(e) => report.problem(ProblemKind::Instance, e.to_string()),
             }
         }
     }
@@ -369,9 +466,10 @@ async fn write_and_reload(
     report: &mut Report,
 ) -> bool {
     if let Err(e) = render::check(agent, tenants).await {
-        report
-            .errors
-            .push(format!("{e}; the running configuration was kept"));
+        report.problem(
+            ProblemKind::Config,
+            format!("{e}; the running configuration was kept"),
+        );
         return false;
     }
     let previous = Snapshot::take(agent);
@@ -380,7 +478,7 @@ async fn write_and_reload(
         Ok(_) => {}
         Err(e) => {
             previous.restore();
-            report.errors.push(format!("writing HAProxy's files: {e}"));
+            report.problem(ProblemKind::Config, format!("writing HAProxy's files: {e}"));
             return false;
         }
     }
@@ -400,9 +498,10 @@ async fn write_and_reload(
         }
         Err(e) => {
             previous.restore();
-            report.errors.push(format!(
-                "HAProxy reload failed, previous files restored: {e}"
-            ));
+            report.problem(
+                ProblemKind::Reload,
+                format!("HAProxy reload failed, previous files restored: {e}"),
+            );
             false
         }
     }
