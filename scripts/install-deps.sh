@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs, from Debian's packages, what pgs needs on a fresh Debian 12 machine: HAProxy, the
 # PostgreSQL 15 client, the Docker engine and curl; with --tests also the PostgreSQL 15 server
-# binaries the test suite runs. Checks the Rust toolchain first (Debian 12's rustc is too old;
-# rustup's is needed). Idempotent: installs only what is missing. Run as root.
+# binaries the test suite runs, promtool (Debian ships it in `prometheus`, whose package also
+# installs a Prometheus server that systemd starts on :9090), lintian, systemd-analyze and
+# fakeroot. Checks the Rust toolchain first (Debian 12's rustc is too old; rustup's is
+# needed). Idempotent: installs only what is missing. Run as root.
 #
 #   scripts/install-deps.sh [--tests]
 #
@@ -41,6 +43,10 @@ command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client-15)
 if [ "$tests" = 1 ]; then
     [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
+    command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool: alert rule tests
+    command -v lintian >/dev/null 2>&1 || need+=(lintian)        # checks the .deb
+    command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd) # checks the units
+    command -v fakeroot >/dev/null 2>&1 || need+=(fakeroot)      # builds the .deb
 fi
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v curl >/dev/null 2>&1 || need+=(curl)

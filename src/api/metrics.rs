@@ -426,4 +426,68 @@ mod tests {
             "{text}"
         );
     }
+
+    /// Series the alert rules and the dashboard use that other parts of pgs export (backups,
+    /// TLS, wake); every other `pgs_` name there must be one this module exports.
+    const EXPORTED_ELSEWHERE: &[&str] = &[
+        "pgs_backup_last_success_timestamp_seconds",
+        "pgs_tls_certificate_expiry_seconds",
+        "pgs_wake_failures_total",
+    ];
+
+    #[test]
+    fn the_alert_rules_and_dashboard_name_only_real_series() {
+        let agent = AgentMetrics::default();
+        let log = PassLog::new();
+        agent.record_pass(&log.publish(&Ok(Report {
+            reloaded: true,
+            ..Report::default()
+        })));
+        let sample = Sample {
+            tenants: vec![view("acme", Access::Enabled)],
+            stats: Some(
+                StatRow::parse_all(
+                    "# pxname,svname,scur,stot,bin,bout,\npgs_acme,BACKEND,2,7,1,2,\n",
+                )
+                .unwrap(),
+            ),
+            refused: Some(parse_refused("acme disabled 1\n")),
+            haproxy_up: true,
+            docker_up: Some(true),
+        };
+        let text = render(&agent, &sample).unwrap();
+        let exported: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        for (file, body) in [
+            (
+                "pgs-alerts.yml",
+                include_str!("../../monitoring/pgs-alerts.yml"),
+            ),
+            (
+                "grafana-dashboard.json",
+                include_str!("../../monitoring/grafana-dashboard.json"),
+            ),
+        ] {
+            let mut named = 0;
+            for (at, _) in body.match_indices("pgs_") {
+                // Only whole identifiers: not the middle of `a_pgs_x`, not `pgs-agent`.
+                if at > 0 && body.as_bytes()[at - 1].is_ascii_alphanumeric() {
+                    continue;
+                }
+                let name: String = body[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                named += 1;
+                assert!(
+                    exported.contains(name.as_str()) || EXPORTED_ELSEWHERE.contains(&name.as_str()),
+                    "{file} uses {name}, which /metrics does not export:\n{text}"
+                );
+            }
+            assert!(named > 10, "{file}: only {named} series found");
+        }
+    }
 }
