@@ -16,6 +16,8 @@ mod daemon;
 mod golden_check;
 #[path = "instances.rs"]
 mod instances;
+#[path = "package.rs"]
+mod package;
 #[path = "protocol.rs"]
 mod protocol;
 #[path = "routing.rs"]
