@@ -12,6 +12,8 @@ mod api;
 mod cli;
 #[path = "daemon.rs"]
 mod daemon;
+#[path = "faults.rs"]
+mod faults;
 #[path = "golden_check.rs"]
 mod golden_check;
 #[path = "instances.rs"]

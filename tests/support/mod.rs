@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod docker;
+pub mod dockerd;
 pub mod pg;
 pub mod proxy;
 
