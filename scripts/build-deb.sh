@@ -8,6 +8,8 @@
 #
 # --binary  package this pgs-agent instead of building one (`cargo build --release`)
 # --out     where the .deb goes (default target/deb); its path is the last line printed
+#
+# Needs dpkg-dev (dpkg-shlibdeps, strip); `scripts/install-deps.sh --tests` installs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -3,7 +3,7 @@
 # PostgreSQL 15 client, the Docker engine and curl; with --tests also the PostgreSQL 15 server
 # binaries the test suite runs, promtool (Debian ships it in `prometheus`, whose package also
 # installs a Prometheus server that systemd starts on :9090), lintian, systemd-analyze and
-# fakeroot. Checks the Rust toolchain first (Debian 12's rustc is too old; rustup's is
+# dpkg-dev. Checks the Rust toolchain first (Debian 12's rustc is too old; rustup's is
 # needed). Idempotent: installs only what is missing. Run as root.
 #
 #   scripts/install-deps.sh [--tests]
@@ -46,7 +46,7 @@ if [ "$tests" = 1 ]; then
     command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool: alert rule tests
     command -v lintian >/dev/null 2>&1 || need+=(lintian)        # checks the .deb
     command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd) # checks the units
-    command -v fakeroot >/dev/null 2>&1 || need+=(fakeroot)      # builds the .deb
+    command -v dpkg-shlibdeps >/dev/null 2>&1 || need+=(dpkg-dev) # builds the .deb
 fi
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v curl >/dev/null 2>&1 || need+=(curl)

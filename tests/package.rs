@@ -97,7 +97,7 @@ fn the_package_installs_upgrades_and_keeps_data_on_remove_and_purge() {
         "dpkg-deb",
         "lintian",
         "systemd-analyze",
-        "fakeroot",
+        "dpkg-shlibdeps",
         "haproxy",
     ]) {
         return;
