@@ -78,10 +78,12 @@ pub enum ProblemKind {
     Haproxy,
     /// Anything else (e.g. a lock file that cannot be opened).
     Other,
+    /// A TLS certificate file that cannot be used, or that HAProxy refused.
+    Certificates,
 }
 
 impl ProblemKind {
-    pub const ALL: [ProblemKind; 8] = [
+    pub const ALL: [ProblemKind; 9] = [
         ProblemKind::Instance,
         ProblemKind::Config,
         ProblemKind::Reload,
@@ -90,6 +92,7 @@ impl ProblemKind {
         ProblemKind::Docker,
         ProblemKind::Haproxy,
         ProblemKind::Other,
+        ProblemKind::Certificates,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -102,6 +105,7 @@ impl ProblemKind {
             ProblemKind::Docker => "docker",
             ProblemKind::Haproxy => "haproxy",
             ProblemKind::Other => "other",
+            ProblemKind::Certificates => "certificates",
         }
     }
 

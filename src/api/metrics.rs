@@ -120,7 +120,7 @@ impl AgentMetrics {
         );
         r.register(
             "reconcile_errors",
-            "Problems reported by reconcile passes, by kind: instance, config, reload, maps (in a pass that ran); tenants_file, docker, haproxy (a pass that could not run); other",
+            "Problems reported by reconcile passes, by kind: instance, config, reload, maps (in a pass that ran); tenants_file, docker, haproxy (a pass that could not run); certificates; other",
             self.errors.clone(),
         );
         r.register(
