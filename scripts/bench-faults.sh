@@ -44,23 +44,30 @@ done
     echo
     "$BENCH_PY" - "$report/impact.tsv" <<'PY'
 import statistics, sys
-rows = {}
+rows, durations = {}, {}
 for line in open(sys.argv[1]):
-    fault, secs, failed, attempts = line.rstrip("\n").split("\t")
-    rows.setdefault(fault, []).append((float(secs), int(failed), int(attempts)))
+    what, secs, failed, attempts = line.rstrip("\n").split("\t")
+    if failed == "-":
+        durations.setdefault(what, []).append(float(secs))
+    else:
+        rows.setdefault(what, []).append((float(secs), int(failed), int(attempts)))
 print("| fault (the probe's tenant) | rounds | refused s, median | min | max | failed / attempts, all rounds |")
 print("|---|---:|---:|---:|---:|---:|")
 for fault, rs in rows.items():
     secs = [r[0] for r in rs]
     print(f"| {fault} | {len(rs)} | {statistics.median(secs):.1f} | {min(secs):.1f} | {max(secs):.1f} "
           f"| {sum(r[1] for r in rs)} / {sum(r[2] for r in rs)} |")
-off = [r[0] for r in rows.get("dockerd kill -9 + restart, live-restore off", [])]
-if off:
-    verdict = "**met**" if max(off) <= 2.0 else "**not met**"
+print()
+print("| recovery | rounds | s, median | min | max |")
+print("|---|---:|---:|---:|---:|")
+for what, ds in durations.items():
+    print(f"| {what} | {len(ds)} | {statistics.median(ds):.1f} | {min(ds):.1f} | {max(ds):.1f} |")
+back = next((ds for what, ds in durations.items() if "dockerd answers" in what), None)
+if back:
+    verdict = "**met**" if max(back) <= 2.0 else "**not met**"
     print()
-    print(f"- Target: tenants back within 2 s of dockerd answering again (live-restore off). The "
-          f"refusals bound it from above (they start when dockerd stops the containers, before it "
-          f"answers): max {max(off):.1f} s → {verdict}.")
+    print(f"- Target: tenants back within 2 s of dockerd answering again (live-restore off): "
+          f"median {statistics.median(back):.1f} s, max {max(back):.1f} s → {verdict} (judged on the max).")
 PY
     echo
     echo "- Every fault ends with every enabled tenant answering through HAProxy with the rows"
@@ -70,6 +77,7 @@ PY
     echo "- dockerd without live-restore: dockerd stops the tenants' containers when it comes back;"
     echo "  the agent starts them as soon as its event stream reconnects (before: at the next"
     echo "  periodic pass, up to 30 s later). With live-restore nothing is refused."
-    echo "- OOM: PostgreSQL's own restart plus the container's start and a first login."
+    echo "- OOM: the server dies with its container; Docker's restart policy (or the agent, on the die"
+    echo "  event) starts it again; clients are refused until it accepts logins (crash recovery)."
 } >"$BENCH_OUT"
 log "done"

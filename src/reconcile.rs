@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context};
+use futures_util::stream::{self, StreamExt};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -20,6 +21,9 @@ use crate::instances::{DriverError, InstanceDriver, ObservedInstance};
 use crate::plan::{self, Desired, InstanceStep, MapStep, Observed, Plan};
 use crate::settings::Agent;
 use crate::tenants::{self, Instance, TenantId, Tenants};
+
+/// Servers created, started or stopped at the same time within one pass.
+const PARALLEL_INSTANCE_STEPS: usize = 4;
 
 /// How long a reload may take before it counts as failed.
 const RELOAD_DEADLINE: Duration = Duration::from_secs(20);
@@ -352,28 +356,23 @@ async fn apply<D: InstanceDriver>(
     let mut failed: BTreeSet<TenantId> = BTreeSet::new();
     let ready_timeout = Duration::from_secs(agent.settings.docker.ready_timeout_secs);
     if let Some(d) = driver {
-        for step in plan
+        // A few at a time: after dockerd comes back without live-restore every tenant needs a
+        // start, and one slow server must not keep the others down.
+        let steps = plan
             .instances
             .iter()
             .filter(|s| !matches!(s, InstanceStep::Remove { .. }))
-        {
-            let id = step.tenant();
-            let result = match step {
-                InstanceStep::Create { spec, .. }
-                | InstanceStep::Replace { spec, .. }
-                | InstanceStep::Start { spec, .. } => match d.ensure(id, spec).await {
-                    Ok(()) => d.wait_ready(id, ready_timeout).await,
-                    Err(e) => Err(e),
-                },
-                InstanceStep::AwaitReady { .. } => d.wait_ready(id, ready_timeout).await,
-                InstanceStep::Stop { .. } => d.stop(id).await,
-                InstanceStep::Remove { .. } => unreachable!("filtered above"),
-            };
+            .map(|step| async move { (step, run_instance_step(d, step, ready_timeout).await) });
+        let results: Vec<_> = stream::iter(steps)
+            .buffered(PARALLEL_INSTANCE_STEPS)
+            .collect()
+            .await;
+        for (step, result) in results {
             match result {
                 Ok(()) => report.done.push(describe_instance(step)),
                 Err(e) => {
                     report.problem(ProblemKind::Instance, e.to_string());
-                    failed.insert(id.clone());
+                    failed.insert(step.tenant().clone());
                 }
             }
         }
@@ -457,6 +456,26 @@ async fn apply<D: InstanceDriver>(
                 Err(e) => report.problem(ProblemKind::Instance, e.to_string()),
             }
         }
+    }
+}
+
+/// One server step: create, replace or start and wait until it accepts logins; wait; stop.
+async fn run_instance_step<D: InstanceDriver>(
+    d: &D,
+    step: &InstanceStep,
+    ready_timeout: Duration,
+) -> Result<(), DriverError> {
+    let id = step.tenant();
+    match step {
+        InstanceStep::Create { spec, .. }
+        | InstanceStep::Replace { spec, .. }
+        | InstanceStep::Start { spec, .. } => {
+            d.ensure(id, spec).await?;
+            d.wait_ready(id, ready_timeout).await
+        }
+        InstanceStep::AwaitReady { .. } => d.wait_ready(id, ready_timeout).await,
+        InstanceStep::Stop { .. } => d.stop(id).await,
+        InstanceStep::Remove { .. } => unreachable!("removals run after the backends are gone"),
     }
 }
 

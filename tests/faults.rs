@@ -273,22 +273,30 @@ impl Probe {
             failed: seen.iter().filter(|(_, ok)| !ok).count(),
             refused,
         };
-        let line = format!(
-            "{fault}\t{:.1}\t{}\t{}\n",
-            impact.refused.as_secs_f64(),
-            impact.failed,
-            impact.attempts
+        report(
+            fault,
+            impact.refused,
+            Some((impact.failed, impact.attempts)),
         );
-        eprint!("fault impact: {line}");
-        if let Some(path) = std::env::var_os("PGS_FAULT_REPORT") {
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .unwrap();
-            f.write_all(line.as_bytes()).unwrap();
-        }
         impact
+    }
+}
+
+/// Prints a measurement and, with `PGS_FAULT_REPORT=FILE`, appends it there as
+/// `what<TAB>seconds<TAB>failed<TAB>attempts` (`-` for a duration that is not a probe's).
+fn report(what: &str, secs: Duration, probe: Option<(usize, usize)>) {
+    let (failed, attempts) = probe.map_or(("-".into(), "-".into()), |(f, a)| {
+        (f.to_string(), a.to_string())
+    });
+    let line = format!("{what}\t{:.1}\t{failed}\t{attempts}\n", secs.as_secs_f64());
+    eprint!("fault impact: {line}");
+    if let Some(path) = std::env::var_os("PGS_FAULT_REPORT") {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        f.write_all(line.as_bytes()).unwrap();
     }
 }
 
@@ -353,9 +361,10 @@ fn dockerd_killed_and_restarted_with_and_without_live_restore() {
         .wait_for_log_after(mark, "server started and ready: acme", RECOVER);
     assert!(log.contains("reason=DockerBack"), "{log}");
     rig.assert_recovered(&["acme", "globex"], RECOVER);
-    eprintln!(
-        "tenants answered {:.1} s after the restarted dockerd did",
-        back.elapsed().as_secs_f64()
+    report(
+        "both tenants answering with their rows, after the restarted dockerd answers (live-restore off)",
+        back.elapsed(),
+        None,
     );
     probe.finish("dockerd kill -9 + restart, live-restore off");
     let on_engine = |args: &[&str]| engine.docker(args);

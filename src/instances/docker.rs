@@ -90,7 +90,7 @@ const SMALL_DEFAULTS: &[(&str, &str)] = &[
 ];
 
 /// How often the event watcher asks an engine that went away whether it is back.
-const ENGINE_RETRY: Duration = Duration::from_millis(200);
+const ENGINE_RETRY: Duration = Duration::from_millis(100);
 
 /// What the event watcher reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
