@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs, from Debian's packages, what pgs needs on a fresh Debian 12 machine: HAProxy, the
 # PostgreSQL 15 client, the Docker engine and curl; with --tests also the PostgreSQL 15 server
-# binaries, lua5.3, openssl and a venv with psycopg (libpq >= 17) the test suite runs. Checks
-# the Rust toolchain first (Debian 12's rustc is too old; rustup's is needed). Idempotent:
+# binaries, lua5.3, openssl and a venv with psycopg (libpq >= 17) the test suite runs,
+# promtool (Debian ships it in `prometheus`, whose package also installs a Prometheus
+# server that systemd starts on :9090), lintian, systemd-analyze and dpkg-dev. Checks the
+# Rust toolchain first (Debian 12's rustc is too old; rustup's is needed). Idempotent:
 # installs only what is missing. Run as root.
 #
 #   scripts/install-deps.sh [--tests]
@@ -46,6 +48,10 @@ if [ "$tests" = 1 ]; then
     command -v openssl >/dev/null 2>&1 || need+=(openssl)
     command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
     /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+    command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool: alert rule tests
+    command -v lintian >/dev/null 2>&1 || need+=(lintian)        # checks the .deb
+    command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd) # checks the units
+    command -v dpkg-shlibdeps >/dev/null 2>&1 || need+=(dpkg-dev) # builds the .deb
 fi
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v curl >/dev/null 2>&1 || need+=(curl)

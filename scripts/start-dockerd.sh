@@ -7,6 +7,10 @@
 #   PGS_DOCKERD_STORAGE  storage driver      (default: overlay2 if the kernel has
 #                                             overlay, else vfs)
 #   PGS_DOCKERD_ARGS     extra dockerd flags (appended)
+#
+# dockerd runs with live-restore: tenant containers keep running (and serving) while dockerd
+# itself is stopped, killed or restarted. A live-restore setting in /etc/docker/daemon.json wins
+# (dockerd refuses the same directive as a flag and in that file).
 set -euo pipefail
 
 LOG=${PGS_DOCKERD_LOG:-/var/log/pgs-dockerd.log}
@@ -17,6 +21,10 @@ die() { printf 'start-dockerd: ERROR: %s\n' "$*" >&2; exit 1; }
 
 if docker info >/dev/null 2>&1; then
     say "engine already answering (server $(docker info --format '{{.ServerVersion}}' 2>/dev/null)); nothing to do"
+    if [ "$(docker info --format '{{.LiveRestoreEnabled}}' 2>/dev/null)" != true ]; then
+        say "note: its live-restore is off: tenants stop serving while dockerd restarts" \
+            "(\"live-restore\": true in /etc/docker/daemon.json, then restart it; README.md)"
+    fi
     exit 0
 fi
 
@@ -42,8 +50,11 @@ wait_ready() {  # $1 = pid; returns 0 ready, 1 dockerd exited, 2 timeout
 start() {  # $1 = storage driver; sets pid
     mkdir -p "$(dirname "$LOG")"
     # No iptables management: the pgs containers run with --network none.
+    local args=(--iptables=false --ip6tables=false --storage-driver="$1")
+    grep -qs '"live-restore"' /etc/docker/daemon.json || args+=(--live-restore)
+    # shellcheck disable=SC2206
     # shellcheck disable=SC2086,SC2206
-    local args=(--iptables=false --ip6tables=false --storage-driver="$1" ${PGS_DOCKERD_ARGS:-})
+    args+=(${PGS_DOCKERD_ARGS:-})
     say "starting dockerd ${args[*]} (log: $LOG)"
     setsid nohup dockerd "${args[@]}" >>"$LOG" 2>&1 </dev/null &
     pid=$!

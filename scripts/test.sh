@@ -20,6 +20,9 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+step "alert rules (promtool)"
+promtool check rules monitoring/pgs-alerts.yml
+promtool test rules monitoring/tests/pgs-alerts.test.yml
 step "cargo test"
 cargo test --locked
 step "done"

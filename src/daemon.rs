@@ -22,6 +22,8 @@ pub enum Poke {
     Docker(String),
     Api,
     CertificatesChanged,
+    /// The Docker engine answers again after it went away.
+    DockerBack,
 }
 
 /// Loop timing.
@@ -57,6 +59,7 @@ pub async fn run<D: InstanceDriver>(
     let _watchdog = notifier.as_ref().and_then(SdNotify::spawn_watchdog);
     let mut first = true;
     let mut reason = "start".to_owned();
+    let mut urgent = false;
     loop {
         info!(reason = %reason, "reconciling");
         let result = reconcile::sync(agent, driver, SyncOptions::default()).await;
@@ -74,7 +77,10 @@ pub async fn run<D: InstanceDriver>(
             biased;
             _ = &mut shutdown => break,
             poke = pokes.recv() => match poke {
-                Some(p) => reason = format!("{p:?}"),
+                Some(p) => {
+                    urgent = p == Poke::DockerBack;
+                    reason = format!("{p:?}");
+                }
                 None => {
                     // Every poke source is gone; keep the periodic resync going.
                     tokio::select! {
@@ -86,10 +92,12 @@ pub async fn run<D: InstanceDriver>(
             _ = tokio::time::sleep(timing.resync) => reason = "resync".into(),
         }
         // Coalesce a burst of pokes (an editor's several writes, twenty tenants added by a
-        // script) into one pass.
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = tokio::time::sleep(timing.debounce) => {}
+        // script) into one pass. Not when Docker came back: tenants may be down until this pass.
+        if !std::mem::take(&mut urgent) {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(timing.debounce) => {}
+            }
         }
         while pokes.try_recv().is_ok() {}
     }

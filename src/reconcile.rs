@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context};
+use futures_util::stream::{self, StreamExt};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -16,12 +17,15 @@ use crate::fsutil::{self, FileLock};
 use crate::haproxy::maps::{self, Entries};
 use crate::haproxy::master::MasterCli;
 use crate::haproxy::render::{self, Rendered};
-use crate::haproxy::runtime::{Info, RuntimeApi};
-use crate::instances::{InstanceDriver, ObservedInstance};
+use crate::haproxy::runtime::{Info, RuntimeApi, RuntimeError};
+use crate::instances::{DriverError, InstanceDriver, ObservedInstance};
 use crate::plan::{self, Desired, InstanceStep, MapStep, Observed, Plan};
 use crate::settings::Agent;
 use crate::tenants::{self, Instance, TenantId, Tenants};
 use crate::tls;
+
+/// Servers created, started or stopped at the same time within one pass.
+const PARALLEL_INSTANCE_STEPS: usize = 4;
 
 /// How long a reload may take before it counts as failed.
 const RELOAD_DEADLINE: Duration = Duration::from_secs(20);
@@ -39,7 +43,7 @@ pub struct Report {
     /// Steps that were carried out, one line each.
     pub done: Vec<String>,
     /// Problems, one line each; a pass with problems exits non-zero.
-    pub errors: Vec<String>,
+    pub errors: Vec<Problem>,
     pub reloaded: bool,
     /// Tenants left unroutable because their server is not ready.
     pub held_back: Vec<TenantId>,
@@ -52,6 +56,105 @@ pub struct Report {
 impl Report {
     pub fn changed(&self) -> bool {
         !self.done.is_empty()
+    }
+
+    fn problem(&mut self, kind: ProblemKind, message: impl Into<String>) {
+        self.errors.push(Problem::new(kind, message));
+    }
+}
+
+/// What part of the world a problem is about: the metrics and alerts count problems by it,
+/// so it is set where the problem happens, never guessed from the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemKind {
+    /// A tenant's server: create, start, stop, remove, readiness.
+    Instance,
+    /// HAProxy refused the candidate configuration, or its files could not be written.
+    Config,
+    /// The reload failed; the previous files were put back.
+    Reload,
+    /// A map file or HAProxy's runtime maps.
+    Maps,
+    /// The pass did not run: the tenants file is missing or does not validate.
+    TenantsFile,
+    /// The pass did not run: the Docker engine did not answer.
+    Docker,
+    /// The pass did not run: HAProxy's Runtime API answered strangely.
+    Haproxy,
+    /// Anything else (e.g. a lock file that cannot be opened).
+    Other,
+    /// A TLS certificate file that cannot be used, or that HAProxy refused.
+    Certificates,
+}
+
+impl ProblemKind {
+    pub const ALL: [ProblemKind; 9] = [
+        ProblemKind::Instance,
+        ProblemKind::Config,
+        ProblemKind::Reload,
+        ProblemKind::Maps,
+        ProblemKind::TenantsFile,
+        ProblemKind::Docker,
+        ProblemKind::Haproxy,
+        ProblemKind::Other,
+        ProblemKind::Certificates,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProblemKind::Instance => "instance",
+            ProblemKind::Config => "config",
+            ProblemKind::Reload => "reload",
+            ProblemKind::Maps => "maps",
+            ProblemKind::TenantsFile => "tenants_file",
+            ProblemKind::Docker => "docker",
+            ProblemKind::Haproxy => "haproxy",
+            ProblemKind::Other => "other",
+            ProblemKind::Certificates => "certificates",
+        }
+    }
+
+    /// The kind of an error that stopped a whole pass, from its type.
+    pub fn of_failed_pass(e: &anyhow::Error) -> ProblemKind {
+        if e.downcast_ref::<tenants::LoadError>().is_some() {
+            ProblemKind::TenantsFile
+        } else if e.downcast_ref::<DriverError>().is_some() {
+            ProblemKind::Docker
+        } else if e.downcast_ref::<RuntimeError>().is_some() {
+            ProblemKind::Haproxy
+        } else {
+            ProblemKind::Other
+        }
+    }
+}
+
+/// One problem of a pass: its kind and the line people read. Serialized as the line alone, so
+/// `sync --json` reads as before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub kind: ProblemKind,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(kind: ProblemKind, message: impl Into<String>) -> Problem {
+        Problem {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl Serialize for Problem {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.message)
     }
 }
 
@@ -210,7 +313,7 @@ async fn apply<D: InstanceDriver>(
     let api = runtime_api(agent);
     let maps_lock = FileLock::exclusive(&agent.paths.maps_lock);
     if let Err(e) = &maps_lock {
-        report.errors.push(format!("cannot lock the maps: {e}"));
+        report.problem(ProblemKind::Maps, format!("cannot lock the maps: {e}"));
         return;
     }
 
@@ -225,9 +328,10 @@ async fn apply<D: InstanceDriver>(
         let mut on_file = maps::read_file(&agent.paths.access_map);
         on_file.retain(|k, _| !closing(k));
         if let Err(e) = maps::write_file(&agent.paths.access_map, &on_file) {
-            report
-                .errors
-                .push(format!("writing {}: {e}", agent.paths.access_map.display()));
+            report.problem(
+                ProblemKind::Maps,
+                format!("writing {}: {e}", agent.paths.access_map.display()),
+            );
         }
         let mut keep = observed.runtime_access.clone().unwrap_or_default();
         keep.retain(|k, _| !closing(k));
@@ -246,7 +350,7 @@ async fn apply<D: InstanceDriver>(
                     .iter()
                     .map(|s| format!("access closed: {}", key_of(s))),
             ),
-            Err(e) => report.errors.push(format!("closing access: {e}")),
+            Err(e) => report.problem(ProblemKind::Maps, format!("closing access: {e}")),
         }
     }
 
@@ -254,28 +358,23 @@ async fn apply<D: InstanceDriver>(
     let mut failed: BTreeSet<TenantId> = BTreeSet::new();
     let ready_timeout = Duration::from_secs(agent.settings.docker.ready_timeout_secs);
     if let Some(d) = driver {
-        for step in plan
+        // A few at a time: after dockerd comes back without live-restore every tenant needs a
+        // start, and one slow server must not keep the others down.
+        let steps = plan
             .instances
             .iter()
             .filter(|s| !matches!(s, InstanceStep::Remove { .. }))
-        {
-            let id = step.tenant();
-            let result = match step {
-                InstanceStep::Create { spec, .. }
-                | InstanceStep::Replace { spec, .. }
-                | InstanceStep::Start { spec, .. } => match d.ensure(id, spec).await {
-                    Ok(()) => d.wait_ready(id, ready_timeout).await,
-                    Err(e) => Err(e),
-                },
-                InstanceStep::AwaitReady { .. } => d.wait_ready(id, ready_timeout).await,
-                InstanceStep::Stop { .. } => d.stop(id).await,
-                InstanceStep::Remove { .. } => unreachable!("filtered above"),
-            };
+            .map(|step| async move { (step, run_instance_step(d, step, ready_timeout).await) });
+        let results: Vec<_> = stream::iter(steps)
+            .buffered(PARALLEL_INSTANCE_STEPS)
+            .collect()
+            .await;
+        for (step, result) in results {
             match result {
                 Ok(()) => report.done.push(describe_instance(step)),
                 Err(e) => {
-                    report.errors.push(e.to_string());
-                    failed.insert(id.clone());
+                    report.problem(ProblemKind::Instance, e.to_string());
+                    failed.insert(step.tenant().clone());
                 }
             }
         }
@@ -318,9 +417,10 @@ async fn apply<D: InstanceDriver>(
                 .done
                 .push(format!("map file written: {}", path.display())),
             Ok(false) => {}
-            Err(e) => report
-                .errors
-                .push(format!("writing {}: {e}", path.display())),
+            Err(e) => report.problem(
+                ProblemKind::Maps,
+                format!("writing {}: {e}", path.display()),
+            ),
         }
     }
     if observed.haproxy_running && config_ok {
@@ -328,7 +428,7 @@ async fn apply<D: InstanceDriver>(
             Ok(steps) => report
                 .done
                 .extend(steps.iter().map(|s| format!("backends map: {}", key_of(s)))),
-            Err(e) => report.errors.push(format!("backends map: {e}")),
+            Err(e) => report.problem(ProblemKind::Maps, format!("backends map: {e}")),
         }
     }
     if observed.haproxy_running {
@@ -337,7 +437,7 @@ async fn apply<D: InstanceDriver>(
                 MapStep::Set { key, .. } => format!("access opened: {key}"),
                 MapStep::Del { key } => format!("access closed: {key}"),
             })),
-            Err(e) => report.errors.push(format!("access map: {e}")),
+            Err(e) => report.problem(ProblemKind::Maps, format!("access map: {e}")),
         }
     }
     drop(maps_lock);
@@ -361,7 +461,7 @@ async fn apply<D: InstanceDriver>(
                     step.tenant(),
                     r.volume.as_deref().unwrap_or("-")
                 )),
-                Err(e) => report.errors.push(e.to_string()),
+                Err(e) => report.problem(ProblemKind::Instance, e.to_string()),
             }
         }
     }
@@ -382,18 +482,24 @@ async fn sync_certificates(
     let scan = match tls::scan(dir, served_dir) {
         Ok(s) => s,
         Err(e) => {
-            report.errors.push(format!(
-                "cannot read the certificates directory {}: {e}",
-                dir.display()
-            ));
+            report.problem(
+                ProblemKind::Certificates,
+                format!(
+                    "cannot read the certificates directory {}: {e}",
+                    dir.display()
+                ),
+            );
             return;
         }
     };
     for (file, reason) in &scan.unusable {
-        report.errors.push(format!(
-            "certificate {} is not usable ({reason}); HAProxy keeps serving what it had",
-            file.display()
-        ));
+        report.problem(
+            ProblemKind::Certificates,
+            format!(
+                "certificate {} is not usable ({reason}); HAProxy keeps serving what it had",
+                file.display()
+            ),
+        );
     }
     if !running {
         if scan.changed.is_empty() && scan.orphans.is_empty() {
@@ -409,13 +515,15 @@ async fn sync_certificates(
                         .collect::<Vec<_>>()
                         .join(", ")
                 )),
-                Err(e) => report
-                    .errors
-                    .push(format!("writing {}: {e}", served_dir.display())),
+                Err(e) => report.problem(
+                    ProblemKind::Certificates,
+                    format!("writing {}: {e}", served_dir.display()),
+                ),
             },
-            Err(e) => report
-                .errors
-                .push(format!("{e}; the certificates were not copied")),
+            Err(e) => report.problem(
+                ProblemKind::Certificates,
+                format!("{e}; the certificates were not copied"),
+            ),
         }
         return;
     }
@@ -424,9 +532,10 @@ async fn sync_certificates(
         match tls::push(api, served_dir, c).await {
             Ok(pushed) => {
                 if let Err(e) = tls::write_served(c) {
-                    report
-                        .errors
-                        .push(format!("writing {}: {e}", c.served.display()));
+                    report.problem(
+                        ProblemKind::Certificates,
+                        format!("writing {}: {e}", c.served.display()),
+                    );
                 }
                 match pushed {
                     tls::Pushed::Unchanged => {}
@@ -440,10 +549,13 @@ async fn sync_certificates(
                     )),
                 }
             }
-            Err(e) => report.errors.push(format!(
-                "HAProxy refused certificate {}: {e}; it keeps serving what it had",
-                c.file.display()
-            )),
+            Err(e) => report.problem(
+                ProblemKind::Certificates,
+                format!(
+                    "HAProxy refused certificate {}: {e}; it keeps serving what it had",
+                    c.file.display()
+                ),
+            ),
         }
     }
     for o in &scan.orphans {
@@ -452,8 +564,31 @@ async fn sync_certificates(
                 "certificate removed: {} (served until HAProxy's next reload)",
                 o.display()
             )),
-            Err(e) => report.errors.push(format!("removing {}: {e}", o.display())),
+            Err(e) => report.problem(
+                ProblemKind::Certificates,
+                format!("removing {}: {e}", o.display()),
+            ),
         }
+    }
+}
+
+/// One server step: create, replace or start and wait until it accepts logins; wait; stop.
+async fn run_instance_step<D: InstanceDriver>(
+    d: &D,
+    step: &InstanceStep,
+    ready_timeout: Duration,
+) -> Result<(), DriverError> {
+    let id = step.tenant();
+    match step {
+        InstanceStep::Create { spec, .. }
+        | InstanceStep::Replace { spec, .. }
+        | InstanceStep::Start { spec, .. } => {
+            d.ensure(id, spec).await?;
+            d.wait_ready(id, ready_timeout).await
+        }
+        InstanceStep::AwaitReady { .. } => d.wait_ready(id, ready_timeout).await,
+        InstanceStep::Stop { .. } => d.stop(id).await,
+        InstanceStep::Remove { .. } => unreachable!("removals run after the backends are gone"),
     }
 }
 
@@ -467,9 +602,10 @@ async fn write_and_reload(
     report: &mut Report,
 ) -> bool {
     if let Err(e) = render::check(agent, tenants).await {
-        report
-            .errors
-            .push(format!("{e}; the running configuration was kept"));
+        report.problem(
+            ProblemKind::Config,
+            format!("{e}; the running configuration was kept"),
+        );
         return false;
     }
     let previous = Snapshot::take(agent);
@@ -478,7 +614,7 @@ async fn write_and_reload(
         Ok(_) => {}
         Err(e) => {
             previous.restore();
-            report.errors.push(format!("writing HAProxy's files: {e}"));
+            report.problem(ProblemKind::Config, format!("writing HAProxy's files: {e}"));
             return false;
         }
     }
@@ -517,9 +653,10 @@ async fn write_and_reload(
         }
         Err(e) => {
             previous.restore();
-            report.errors.push(format!(
-                "HAProxy reload failed, previous files restored: {e}"
-            ));
+            report.problem(
+                ProblemKind::Reload,
+                format!("HAProxy reload failed, previous files restored: {e}"),
+            );
             false
         }
     }

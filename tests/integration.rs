@@ -14,12 +14,16 @@ mod cancel_limits;
 mod cli;
 #[path = "daemon.rs"]
 mod daemon;
+#[path = "faults.rs"]
+mod faults;
 #[path = "golden_check.rs"]
 mod golden_check;
 #[path = "instances.rs"]
 mod instances;
 #[path = "lua.rs"]
 mod lua;
+#[path = "package.rs"]
+mod package;
 #[path = "protocol.rs"]
 mod protocol;
 #[path = "routing.rs"]

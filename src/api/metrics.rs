@@ -15,6 +15,7 @@ use prometheus_client::registry::{Registry, Unit};
 use super::passes::{Outcome, PassRecord};
 use crate::haproxy::runtime::StatRow;
 use crate::instances::RunState;
+use crate::reconcile::ProblemKind;
 use crate::tenant_ops::View;
 use crate::tenants::Access;
 
@@ -66,7 +67,7 @@ impl AgentMetrics {
                 self.pass_duration.observe(duration.as_secs_f64());
                 for e in errors {
                     self.errors
-                        .get_or_create(&labels(&[("kind", error_kind(e))]))
+                        .get_or_create(&labels(&[("kind", e.kind.as_str())]))
                         .inc();
                 }
                 if *reloaded {
@@ -76,12 +77,12 @@ impl AgentMetrics {
                     self.last_success.set(p.finished_unix);
                 }
             }
-            Outcome::Failed(_) => {
+            Outcome::Failed(e) => {
                 self.passes
                     .get_or_create(&labels(&[("result", "failed")]))
                     .inc();
                 self.errors
-                    .get_or_create(&labels(&[("kind", "pass_failed")]))
+                    .get_or_create(&labels(&[("kind", e.kind.as_str())]))
                     .inc();
             }
         }
@@ -95,6 +96,17 @@ impl AgentMetrics {
     }
 
     fn register(&self, r: &mut Registry) {
+        // Every kind and result at 0 from the start, so alert rules have series to rate().
+        for kind in ProblemKind::ALL {
+            self.errors
+                .get_or_create(&labels(&[("kind", kind.as_str())]))
+                .inc_by(0);
+        }
+        for result in ["ok", "problems", "failed"] {
+            self.passes
+                .get_or_create(&labels(&[("result", result)]))
+                .inc_by(0);
+        }
         r.register(
             "reconcile_passes",
             "Reconcile passes, by result: ok, problems (ran, some steps failed), failed (did not run)",
@@ -108,7 +120,7 @@ impl AgentMetrics {
         );
         r.register(
             "reconcile_errors",
-            "Problems reported by reconcile passes, by kind: instance, config, reload, maps, pass_failed, other",
+            "Problems reported by reconcile passes, by kind: instance, config, reload, maps (in a pass that ran); tenants_file, docker, haproxy (a pass that could not run); certificates; other",
             self.errors.clone(),
         );
         r.register(
@@ -127,29 +139,6 @@ impl AgentMetrics {
             Unit::Seconds,
             self.last_success.clone(),
         );
-    }
-}
-
-/// The kind of one problem line of a pass, for `pgs_reconcile_errors_total{kind}`. Matches the
-/// wording `reconcile::apply` uses; a line it does not know counts as `other`.
-pub fn error_kind(line: &str) -> &'static str {
-    if line.starts_with("HAProxy reload failed") {
-        "reload"
-    } else if line.contains("the running configuration was kept")
-        || line.starts_with("writing HAProxy's files")
-    {
-        "config"
-    } else if line.starts_with("cannot lock the maps")
-        || line.starts_with("closing access")
-        || line.starts_with("access map")
-        || line.starts_with("backends map")
-        || line.starts_with("writing ")
-    {
-        "maps"
-    } else if line.starts_with("tenant ") {
-        "instance"
-    } else {
-        "other"
     }
 }
 
@@ -445,8 +434,9 @@ pub fn render(agent: &AgentMetrics, sample: &Sample) -> Result<String, std::fmt:
 mod tests {
     use super::*;
     use crate::api::passes::PassLog;
-    use crate::reconcile::Report;
+    use crate::reconcile::{Problem, ProblemKind, Report};
     use crate::tenants::TenantId;
+    use anyhow::Context;
 
     fn view(id: &str, access: Access) -> View {
         View {
@@ -462,25 +452,37 @@ mod tests {
     }
 
     #[test]
-    fn problem_lines_are_sorted_into_kinds() {
-        for (line, kind) in [
-            (
-                "HAProxy reload failed, previous files restored: x",
-                "reload",
-            ),
-            (
-                "HAProxy rejected the configuration: x; the running configuration was kept",
-                "config",
-            ),
-            ("closing access: boom", "maps"),
-            ("access map: boom", "maps"),
-            (
-                "tenant acme: PostgreSQL did not accept logins within 60s",
-                "instance",
-            ),
-            ("something new", "other"),
+    fn problems_are_counted_by_their_typed_kind() {
+        let agent = AgentMetrics::default();
+        let log = PassLog::new();
+        // Whole passes that could not run: the kind comes from the error's type.
+        let bad_file = crate::tenants::load(std::path::Path::new("/nonexistent/tenants.json"))
+            .map(drop)
+            .map_err(anyhow::Error::from)
+            .context("loading");
+        agent.record_pass(&log.publish(&bad_file.map(|_| Report::default())));
+        let no_docker: anyhow::Result<Report> = Err(anyhow::Error::from(
+            crate::instances::DriverError::Unavailable("docker engine: gone".into()),
+        )
+        .context("cannot see the managed tenants' servers"));
+        agent.record_pass(&log.publish(&no_docker));
+        // A problem inside a pass keeps the kind its step gave it, whatever its wording.
+        agent.record_pass(&log.publish(&Ok(Report {
+            errors: vec![Problem::new(
+                ProblemKind::Reload,
+                "tenant x: made-up wording",
+            )],
+            ..Report::default()
+        })));
+        let text = render(&agent, &Sample::default()).unwrap();
+        for line in [
+            "pgs_reconcile_errors_total{kind=\"tenants_file\"} 1",
+            "pgs_reconcile_errors_total{kind=\"docker\"} 1",
+            "pgs_reconcile_errors_total{kind=\"reload\"} 1",
+            "pgs_reconcile_errors_total{kind=\"instance\"} 0",
+            "pgs_reconcile_passes_total{result=\"failed\"} 2",
         ] {
-            assert_eq!(error_kind(line), kind, "{line}");
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
     }
 
@@ -494,7 +496,10 @@ mod tests {
             ..Report::default()
         })));
         agent.record_pass(&log.publish(&Ok(Report {
-            errors: vec!["tenant acme: PostgreSQL did not accept logins".into()],
+            errors: vec![Problem::new(
+                ProblemKind::Instance,
+                "tenant acme: PostgreSQL did not accept logins",
+            )],
             ..Report::default()
         })));
         agent.record_flip(Access::Enabled);
@@ -565,5 +570,77 @@ mod tests {
             text.contains("pgs_last_successful_sync_timestamp_seconds "),
             "{text}"
         );
+    }
+
+    /// Series the alert rules and the dashboard use that other parts of pgs export (backups,
+    /// wake); every other `pgs_` name there must be one this module exports.
+    const EXPORTED_ELSEWHERE: &[&str] = &[
+        "pgs_backup_last_success_timestamp_seconds",
+        "pgs_wake_failures_total",
+    ];
+
+    #[test]
+    fn the_alert_rules_and_dashboard_name_only_real_series() {
+        let agent = AgentMetrics::default();
+        let log = PassLog::new();
+        agent.record_pass(&log.publish(&Ok(Report {
+            reloaded: true,
+            ..Report::default()
+        })));
+        let sample = Sample {
+            tenants: vec![view("acme", Access::Enabled)],
+            stats: Some(
+                StatRow::parse_all(
+                    "# pxname,svname,scur,stot,bin,bout,\npgs_acme,BACKEND,2,7,1,2,\n",
+                )
+                .unwrap(),
+            ),
+            refused: Some(parse_refused("acme disabled 1\n")),
+            certificates: Some(vec![crate::tls::CertStatus {
+                file: "/srv/pgs/tls/db.pem".into(),
+                certificate: None,
+                problem: None,
+                expires_in_secs: Some(86_400),
+                served: None,
+                in_sync: Some(true),
+            }]),
+            haproxy_up: true,
+            docker_up: Some(true),
+            ..Sample::default()
+        };
+        let text = render(&agent, &sample).unwrap();
+        let exported: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        for (file, body) in [
+            (
+                "pgs-alerts.yml",
+                include_str!("../../monitoring/pgs-alerts.yml"),
+            ),
+            (
+                "grafana-dashboard.json",
+                include_str!("../../monitoring/grafana-dashboard.json"),
+            ),
+        ] {
+            let mut named = 0;
+            for (at, _) in body.match_indices("pgs_") {
+                // Only whole identifiers: not the middle of `a_pgs_x`, not `pgs-agent`.
+                if at > 0 && body.as_bytes()[at - 1].is_ascii_alphanumeric() {
+                    continue;
+                }
+                let name: String = body[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                named += 1;
+                assert!(
+                    exported.contains(name.as_str()) || EXPORTED_ELSEWHERE.contains(&name.as_str()),
+                    "{file} uses {name}, which /metrics does not export:\n{text}"
+                );
+            }
+            assert!(named > 10, "{file}: only {named} series found");
+        }
     }
 }

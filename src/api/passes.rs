@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
 
 use crate::daemon::Poke;
-use crate::reconcile::Report;
+use crate::reconcile::{Problem, ProblemKind, Report};
 use crate::tenants::TenantId;
 
 /// A pass whose start is estimated (end minus its reported duration, in whole milliseconds)
@@ -20,13 +20,13 @@ const ESTIMATE_MARGIN: Duration = Duration::from_millis(100);
 pub enum Outcome {
     /// The pass ran; `errors` lists its problems (empty = in sync).
     Done {
-        errors: Vec<String>,
+        errors: Vec<Problem>,
         held_back: Vec<TenantId>,
         reloaded: bool,
         duration: Duration,
     },
     /// The pass could not run (e.g. the tenants file is invalid); nothing was changed.
-    Failed(String),
+    Failed(Problem),
 }
 
 #[derive(Debug, Clone)]
@@ -62,8 +62,8 @@ impl PassRecord {
     /// The problems of this pass, one line each.
     pub fn problems(&self) -> Vec<String> {
         match &self.outcome {
-            Outcome::Done { errors, .. } => errors.clone(),
-            Outcome::Failed(e) => vec![e.clone()],
+            Outcome::Done { errors, .. } => errors.iter().map(|e| e.to_string()).collect(),
+            Outcome::Failed(e) => vec![e.to_string()],
         }
     }
 }
@@ -110,7 +110,10 @@ impl PassLog {
                 reloaded: r.reloaded,
                 duration: Duration::from_millis(r.duration_ms),
             },
-            Err(e) => Outcome::Failed(format!("{e:#}")),
+            Err(e) => Outcome::Failed(Problem::new(
+                ProblemKind::of_failed_pass(e),
+                format!("{e:#}"),
+            )),
         };
         let started_estimate = match &outcome {
             Outcome::Done { duration, .. } => finished.checked_sub(*duration),

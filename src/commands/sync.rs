@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use crate::daemon::{self, Poke, Timing};
 use crate::fsutil::FileLock;
-use crate::instances::docker::DockerDriver;
+use crate::instances::docker::{DockerDriver, EngineEvent};
 use crate::reconcile::{self, Report, SyncOptions};
 use crate::settings::Agent;
 use crate::tenants::{self, Instance};
@@ -150,9 +150,14 @@ pub async fn run(agent: &Agent, resync: u64) -> anyhow::Result<ExitCode> {
         let tx = tx.clone();
         tokio::spawn(async move {
             events
-                .watch_deaths(|tenant, container| {
-                    warn!(tenant = %tenant, container = %container, "tenant server died; repairing");
-                    let _ = tx.try_send(Poke::Docker(container));
+                .watch_events(|event| match event {
+                    EngineEvent::Died { tenant, container } => {
+                        warn!(tenant = %tenant, container = %container, "tenant server died; repairing");
+                        let _ = tx.try_send(Poke::Docker(container));
+                    }
+                    EngineEvent::Back => {
+                        let _ = tx.try_send(Poke::DockerBack);
+                    }
                 })
                 .await
         });

@@ -89,6 +89,18 @@ const SMALL_DEFAULTS: &[(&str, &str)] = &[
     ("jit", "off"),
 ];
 
+/// How often the event watcher asks an engine that went away whether it is back.
+const ENGINE_RETRY: Duration = Duration::from_millis(100);
+
+/// What the event watcher reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineEvent {
+    /// One of this installation's containers died.
+    Died { tenant: TenantId, container: String },
+    /// The engine answers again after its event stream ended.
+    Back,
+}
+
 /// Runs managed tenants as containers on the local Docker engine.
 #[derive(Debug, Clone)]
 pub struct DockerDriver {
@@ -129,10 +141,11 @@ impl DockerDriver {
         })
     }
 
-    /// Follows the engine's event stream and calls `on_death` (tenant, container) whenever one
-    /// of this installation's containers dies; reconnects with a pause when the stream ends
-    /// (engine restart). Runs until the task is dropped.
-    pub async fn watch_deaths(&self, mut on_death: impl FnMut(TenantId, String) + Send) {
+    /// Follows the engine's event stream and calls `on_event` whenever one of this
+    /// installation's containers dies, and once the engine answers again after its stream ended
+    /// (dockerd stopped, killed or restarted): what happened meanwhile is unknown, so the caller
+    /// reconciles at once rather than at its next periodic resync. Runs until the task is dropped.
+    pub async fn watch_events(&self, mut on_event: impl FnMut(EngineEvent) + Send) {
         let mut filters = self.installation_filter();
         filters.insert("type".into(), vec!["container".into()]);
         filters.insert("event".into(), vec!["die".into()]);
@@ -146,12 +159,20 @@ impl DockerDriver {
                     .get(LABEL_TENANT)
                     .and_then(|t| TenantId::parse(t).ok());
                 if let Some(tenant) = tenant {
-                    let name = attrs.get("name").cloned().unwrap_or_default();
-                    on_death(tenant, name);
+                    let container = attrs.get("name").cloned().unwrap_or_default();
+                    on_event(EngineEvent::Died { tenant, container });
                 }
             }
-            tracing::warn!("Docker event stream ended; reconnecting in 2 s");
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            let away = Instant::now();
+            tracing::warn!("Docker event stream ended; waiting for the engine to answer again");
+            while self.ping().await.is_err() {
+                tokio::time::sleep(ENGINE_RETRY).await;
+            }
+            tracing::info!(
+                away_ms = away.elapsed().as_millis() as u64,
+                "Docker engine answers again; reconciling"
+            );
+            on_event(EngineEvent::Back);
         }
     }
 

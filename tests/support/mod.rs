@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod docker;
+pub mod dockerd;
 pub mod pg;
 pub mod proxy;
 pub mod stack;
@@ -344,5 +345,19 @@ impl Drop for Session {
     fn drop(&mut self) {
         drop(self.stdin.take());
         stop_child(&mut self.child, libc::SIGTERM, Duration::from_secs(5));
+    }
+}
+
+/// An exclusive lock shared by every checkout's suite on this machine, for tests that use a
+/// machine-wide resource (installed packages, /etc); released on drop.
+pub struct MachineLock(pgs_agent::fsutil::FileLock);
+
+impl MachineLock {
+    pub fn take(name: &str) -> MachineLock {
+        let path = PathBuf::from(format!("/run/lock/{name}.lock"));
+        MachineLock(
+            pgs_agent::fsutil::FileLock::exclusive(&path)
+                .unwrap_or_else(|e| panic!("lock {}: {e}", path.display())),
+        )
     }
 }

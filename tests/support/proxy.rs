@@ -100,6 +100,27 @@ impl Haproxy {
         self.child.as_ref().unwrap().id()
     }
 
+    /// `kill -9` of the master and its worker: no chance to finish anything. The master is
+    /// reaped; the worker (whose parent is gone) is waited for until it has disappeared.
+    pub fn kill9(&mut self) {
+        let worker = self.worker_pid();
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, libc::SIGKILL, Duration::from_secs(5));
+        }
+        unsafe {
+            libc::kill(worker as i32, libc::SIGKILL);
+        }
+        wait_for(
+            "the killed HAProxy worker to go",
+            Duration::from_secs(10),
+            || {
+                let stat = std::fs::read_to_string(format!("/proc/{worker}/stat")).ok();
+                // Gone, or a zombie nobody reaps (its parent was killed).
+                stat.is_none_or(|s| s.contains(") Z ")).then_some(())
+            },
+        );
+    }
+
     /// Stops HAProxy and waits for it (a restart test starts a new one on the same files).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
