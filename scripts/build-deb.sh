@@ -58,7 +58,7 @@ chmod 0644 "$root/lib/systemd/system/pgs-agent.service" \
     "$root/usr/share/doc/pgs-agent/examples/pgs-sync.cron"
 # The binary carries its own copy of the router and installs it on `render`; this one is for
 # reading and for HAProxy setups that load it themselves.
-install -m 0644 lua/pg-route.lua "$root/usr/share/pgs/lua/pg-route.lua"
+install -m 0644 lua/pg-route.lua lua/pgs_wire.lua "$root/usr/share/pgs/lua/"
 install -m 0644 monitoring/pgs-alerts.yml monitoring/grafana-dashboard.json "$root/usr/share/pgs/monitoring/"
 install -m 0644 monitoring/tests/pgs-alerts.test.yml "$root/usr/share/pgs/monitoring/tests/"
 
