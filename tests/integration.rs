@@ -28,3 +28,5 @@ mod runtime_api;
 mod tenants;
 #[path = "tls.rs"]
 mod tls;
+#[path = "roles.rs"]
+mod roles;
