@@ -20,6 +20,8 @@ mod instances;
 mod lua;
 #[path = "protocol.rs"]
 mod protocol;
+#[path = "roles.rs"]
+mod roles;
 #[path = "routing.rs"]
 mod routing;
 #[path = "runtime_api.rs"]
@@ -28,5 +30,3 @@ mod runtime_api;
 mod tenants;
 #[path = "tls.rs"]
 mod tls;
-#[path = "roles.rs"]
-mod roles;

@@ -57,7 +57,9 @@ fn role_dot_tenant_logs_in_as_the_role_on_the_tenants_server() {
         "{err}"
     );
     assert!(
-        t.globex.log_text().contains("Role \"alice\" does not exist"),
+        t.globex
+            .log_text()
+            .contains("Role \"alice\" does not exist"),
         "{}",
         t.globex.log_text()
     );
