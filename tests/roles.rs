@@ -2,8 +2,11 @@
 //! (the server sees `user=role`), and managed tenants' roles declared in the tenants file,
 //! created, aligned, rotated and dropped on real servers in real containers.
 
+use std::process::Output;
+
 use crate::routing::TwoTenants;
-use crate::support::psql;
+use crate::support::docker::{docker, DockerEnv};
+use crate::support::{agent, have_tools, psql, Haproxy, Layout};
 
 /// Creates a SCRAM login role on an external test server, straight through its socket.
 fn create_role(pg: &crate::support::Postgres, role: &str, password: &str) {
@@ -74,4 +77,266 @@ fn role_dot_tenant_logs_in_as_the_role_on_the_tenants_server() {
     // HAProxy's log names the tenant and the role.
     let log = t.haproxy.log_text();
     assert!(log.contains("tenant=acme role=alice"), "{log}");
+}
+
+/// A layout on the real Docker engine with HAProxy running, driven through the CLI.
+struct Managed {
+    _haproxy: Haproxy,
+    layout: Layout,
+    docker: DockerEnv,
+}
+
+impl Managed {
+    fn start() -> Option<Managed> {
+        if !have_tools(&["haproxy", "psql", "docker"]) {
+            return None;
+        }
+        let docker = DockerEnv::new()?;
+        let layout = Layout::init();
+        layout.use_docker_prefix(&docker.prefix);
+        layout.render();
+        let haproxy = layout.start_haproxy();
+        Some(Managed {
+            _haproxy: haproxy,
+            layout,
+            docker,
+        })
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let mut all = vec!["-c", self.layout.config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        agent(&all)
+    }
+
+    /// Runs the CLI; returns (exit code, stdout + stderr).
+    fn cli(&self, args: &[&str]) -> (Option<i32>, String) {
+        let out = self.run(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    }
+
+    /// `sync`, which must not fail (0: in sync, 2: changed).
+    fn sync(&self) -> String {
+        let (code, text) = self.cli(&["sync"]);
+        assert!(matches!(code, Some(0 | 2)), "sync: {text}");
+        text
+    }
+
+    fn write_tenants(&self, acme_roles: &str) {
+        self.layout.write_tenants(&format!(
+            r#"{{"version": 1, "tenants": {{
+                "acme":   {{"access": "enabled", "managed": {{"memory": "128m", "roles": {acme_roles}}}}},
+                "globex": {{"access": "enabled", "managed": {{"memory": "128m"}}}}
+            }}}}"#
+        ));
+    }
+
+    fn secret(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.layout.root().join("secrets").join(rel))
+            .unwrap_or_else(|e| panic!("secrets/{rel}: {e}"))
+            .trim()
+            .to_owned()
+    }
+
+    /// Runs `sql` through HAProxy as `user` (no dbname: libpq's default, the user as typed).
+    fn sql(&self, user: &str, password: &str, sql: &str) -> (bool, String, String) {
+        psql(
+            &format!(
+                "host=127.0.0.1 port={} user={user} sslmode=disable",
+                self.layout.port
+            ),
+            password,
+            sql,
+        )
+    }
+
+    /// As the tenant's own role; must succeed.
+    fn as_acme(&self, sql: &str) -> String {
+        let (ok, out, err) = self.sql("acme", &self.secret("acme.password"), sql);
+        assert!(ok, "{sql}: {err}");
+        out
+    }
+}
+
+#[test]
+fn roles_in_the_tenants_file_log_in_as_role_dot_tenant_and_are_kept_in_line() {
+    let Some(m) = Managed::start() else { return };
+    m.write_tenants(r#"{"alice": {}, "reporting": {"read_only": true, "connection_limit": 5}}"#);
+    let out = m.sync();
+    assert!(
+        out.contains("role created: alice.acme") && out.contains("role created: reporting.acme"),
+        "{out}"
+    );
+    // A second pass finds nothing to do for the roles.
+    let out = m.sync();
+    assert!(!out.contains("role"), "{out}");
+
+    m.as_acme("create table t(v int); insert into t values (1)");
+    let alice = m.secret("roles/acme/alice.password");
+    let reporting = m.secret("roles/acme/reporting.password");
+    let (ok, out, err) = m.sql(
+        "alice.acme",
+        &alice,
+        "insert into t values (2); select current_user || ' ' || current_database() || ' ' || count(*) from t",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out, "alice acme 2");
+
+    // The read-only role reads everything and writes nothing, even when it asks to.
+    let (ok, out, err) = m.sql("reporting.acme", &reporting, "select count(*) from t");
+    assert!(ok, "{err}");
+    assert_eq!(out, "2");
+    let (ok, _, err) = m.sql("reporting.acme", &reporting, "insert into t values (3)");
+    assert!(!ok && err.contains("read-only transaction"), "{err}");
+    let (ok, _, err) = m.sql(
+        "reporting.acme",
+        &reporting,
+        "begin read write; insert into t values (3); commit",
+    );
+    assert!(
+        !ok && err.contains("permission denied for table t"),
+        "{err}"
+    );
+    assert_eq!(
+        m.as_acme("select rolconnlimit from pg_roles where rolname = 'reporting'"),
+        "5"
+    );
+    // Only SCRAM verifiers are stored.
+    assert_eq!(
+        m.as_acme(
+            "select count(*) from pg_authid where rolname in ('alice', 'reporting') \
+             and rolpassword like 'SCRAM-SHA-256$%'"
+        ),
+        "2"
+    );
+
+    // alice.globex reaches globex's server, which has no alice.
+    let (ok, _, err) = m.sql("alice.globex", &alice, "select 1");
+    assert!(
+        !ok && err.contains("password authentication failed for user \"alice\""),
+        "{err}"
+    );
+
+    // `credentials --role` says how to connect as the role.
+    let (code, text) = m.cli(&["tenant", "credentials", "acme", "--role", "alice"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains(&format!("postgresql://alice.acme:{alice}@127.0.0.1:"))
+            && text.contains("/acme"),
+        "{text}"
+    );
+    let (code, text) = m.cli(&["tenant", "credentials", "acme", "--role", "bob"]);
+    assert!(
+        code != Some(0) && text.contains("declares no role \"bob\" (declared: alice, reporting)"),
+        "{text}"
+    );
+
+    // A password changed behind the agent's back is put back by the next pass.
+    m.as_acme("alter role alice password 'changed-by-hand'");
+    let out = m.sync();
+    assert!(out.contains("role alice.acme: password put back"), "{out}");
+    assert!(m.sql("alice.acme", &alice, "select 1").0);
+
+    // Rotation: printed once, the old password stops working, the new one works.
+    let (code, text) = m.cli(&[
+        "tenant",
+        "credentials",
+        "acme",
+        "--role",
+        "alice",
+        "--rotate",
+        "--format",
+        "env",
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    let new_alice = m.secret("roles/acme/alice.password");
+    assert_ne!(new_alice, alice);
+    assert!(
+        text.contains(&new_alice) && !text.contains(&alice),
+        "{text}"
+    );
+    let (ok, _, err) = m.sql("alice.acme", &alice, "select 1");
+    assert!(
+        !ok && err.contains("password authentication failed"),
+        "{err}"
+    );
+    assert!(m.sql("alice.acme", &new_alice, "select 1").0);
+
+    // The tenant's own role too: the agent's stored password changes in step, so readiness
+    // (a real login with it) still passes after a restart.
+    let old_own = m.secret("acme.password");
+    let (code, text) = m.cli(&["tenant", "credentials", "acme", "--rotate"]);
+    assert_eq!(code, Some(0), "{text}");
+    let new_own = m.secret("acme.password");
+    assert_ne!(new_own, old_own);
+    assert!(text.contains(&new_own), "{text}");
+    let (ok, _, err) = m.sql("acme", &old_own, "select 1");
+    assert!(
+        !ok && err.contains("password authentication failed"),
+        "{err}"
+    );
+    let (code, text) = m.cli(&["tenant", "stop", "acme"]);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = m.cli(&["tenant", "start", "acme"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(m.as_acme("select count(*) from t"), "2");
+
+    // Removing a role that owns a table is refused, with the way out; the role stays.
+    m.as_acme("grant create on schema public to alice");
+    let (ok, _, err) = m.sql("alice.acme", &new_alice, "create table mine(x int)");
+    assert!(ok, "{err}");
+    m.write_tenants(r#"{"reporting": {"read_only": true, "connection_limit": 5}}"#);
+    let (code, text) = m.cli(&["sync"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("role alice is no longer in the tenants file but still owns objects")
+            && text.contains("owner of table mine")
+            && text.contains("REASSIGN OWNED BY alice"),
+        "{text}"
+    );
+    assert!(
+        m.sql("alice.acme", &new_alice, "select 1").0,
+        "the role stays"
+    );
+    // Once its objects are gone, the next pass drops it and its password file.
+    m.as_acme("reassign owned by alice to acme; drop owned by alice");
+    let out = m.sync();
+    assert!(out.contains("role dropped: alice.acme"), "{out}");
+    assert_eq!(
+        m.as_acme("select count(*) from pg_roles where rolname = 'alice'"),
+        "0"
+    );
+    assert!(!m
+        .layout
+        .root()
+        .join("secrets/roles/acme/alice.password")
+        .exists());
+    assert!(
+        m.sql("reporting.acme", &reporting, "select count(*) from mine")
+            .0
+    );
+
+    // No role password in the container's description or logs.
+    for name in ["acme", "globex"] {
+        let container = format!("{}-{name}", m.docker.prefix);
+        for args in [vec!["inspect", &container], vec!["logs", &container]] {
+            let out = docker(&args);
+            let all = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            for pw in [&alice, &new_alice, &reporting, &new_own] {
+                assert!(
+                    !all.contains(pw.as_str()),
+                    "docker {args:?} shows a password"
+                );
+            }
+        }
+    }
 }
