@@ -236,6 +236,13 @@ fn roles_in_the_tenants_file_log_in_as_role_dot_tenant_and_are_kept_in_line() {
         "{text}"
     );
 
+    let (_, show) = m.cli(&["tenant", "show", "acme"]);
+    assert!(
+        show.contains("role      reporting (user reporting.acme; read-only, at most 5 sessions)")
+            && !show.contains(&alice),
+        "{show}"
+    );
+
     // A password changed behind the agent's back is put back by the next pass.
     m.as_acme("alter role alice password 'changed-by-hand'");
     let out = m.sync();

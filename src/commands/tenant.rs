@@ -278,6 +278,19 @@ async fn show(agent: &Agent, id: &TenantId, json: bool) -> anyhow::Result<ExitCo
     if let Some(spec) = &v.spec {
         println!("spec      {}", serde_json::to_string(spec)?);
     }
+    let tenants = tenants::load(&agent.paths.tenants_file)?;
+    for (name, r) in tenants.get(id).map(|t| &t.roles).into_iter().flatten() {
+        let mut what = vec![if r.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        }
+        .to_owned()];
+        if let Some(n) = r.connection_limit {
+            what.push(format!("at most {n} sessions"));
+        }
+        println!("role      {name} (user {name}.{id}; {})", what.join(", "));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
