@@ -79,6 +79,24 @@ fn role_dot_tenant_logs_in_as_the_role_on_the_tenants_server() {
     assert!(log.contains("tenant=acme role=alice"), "{log}");
 }
 
+/// `text` with every generated password (a run of 32+ hex digits) masked: test output never
+/// shows a secret, even when an assertion fails.
+fn masked(text: &str) -> String {
+    let mut out = String::new();
+    let mut run = String::new();
+    for c in text.chars().chain(std::iter::once(' ')) {
+        if c.is_ascii_hexdigit() {
+            run.push(c);
+            continue;
+        }
+        out.push_str(if run.len() >= 32 { "********" } else { &run });
+        run.clear();
+        out.push(c);
+    }
+    out.pop();
+    out
+}
+
 /// A layout on the real Docker engine with HAProxy running, driven through the CLI.
 struct Managed {
     _haproxy: Haproxy,
@@ -123,7 +141,7 @@ impl Managed {
     /// `sync`, which must not fail (0: in sync, 2: changed).
     fn sync(&self) -> String {
         let (code, text) = self.cli(&["sync"]);
-        assert!(matches!(code, Some(0 | 2)), "sync: {text}");
+        assert!(matches!(code, Some(0 | 2)), "sync: {}", masked(&text));
         text
     }
 
@@ -170,11 +188,12 @@ fn roles_in_the_tenants_file_log_in_as_role_dot_tenant_and_are_kept_in_line() {
     let out = m.sync();
     assert!(
         out.contains("role created: alice.acme") && out.contains("role created: reporting.acme"),
-        "{out}"
+        "{}",
+        masked(&out)
     );
     // A second pass finds nothing to do for the roles.
     let out = m.sync();
-    assert!(!out.contains("role"), "{out}");
+    assert!(!out.contains("role"), "{}", masked(&out));
 
     m.as_acme("create table t(v int); insert into t values (1)");
     let alice = m.secret("roles/acme/alice.password");
@@ -224,29 +243,36 @@ fn roles_in_the_tenants_file_log_in_as_role_dot_tenant_and_are_kept_in_line() {
 
     // `credentials --role` says how to connect as the role.
     let (code, text) = m.cli(&["tenant", "credentials", "acme", "--role", "alice"]);
-    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(code, Some(0), "{}", masked(&text));
     assert!(
         text.contains(&format!("postgresql://alice.acme:{alice}@127.0.0.1:"))
             && text.contains("/acme"),
-        "{text}"
+        "{}",
+        masked(&text)
     );
     let (code, text) = m.cli(&["tenant", "credentials", "acme", "--role", "bob"]);
     assert!(
         code != Some(0) && text.contains("declares no role \"bob\" (declared: alice, reporting)"),
-        "{text}"
+        "{}",
+        masked(&text)
     );
 
     let (_, show) = m.cli(&["tenant", "show", "acme"]);
     assert!(
         show.contains("role      reporting (user reporting.acme; read-only, at most 5 sessions)")
             && !show.contains(&alice),
-        "{show}"
+        "{}",
+        masked(&show)
     );
 
     // A password changed behind the agent's back is put back by the next pass.
     m.as_acme("alter role alice password 'changed-by-hand'");
     let out = m.sync();
-    assert!(out.contains("role alice.acme: password put back"), "{out}");
+    assert!(
+        out.contains("role alice.acme: password put back"),
+        "{}",
+        masked(&out)
+    );
     assert!(m.sql("alice.acme", &alice, "select 1").0);
 
     // Rotation: printed once, the old password stops working, the new one works.
@@ -260,12 +286,13 @@ fn roles_in_the_tenants_file_log_in_as_role_dot_tenant_and_are_kept_in_line() {
         "--format",
         "env",
     ]);
-    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(code, Some(0), "{}", masked(&text));
     let new_alice = m.secret("roles/acme/alice.password");
-    assert_ne!(new_alice, alice);
+    assert!(new_alice != alice, "rotation kept the old password");
     assert!(
         text.contains(&new_alice) && !text.contains(&alice),
-        "{text}"
+        "{}",
+        masked(&text)
     );
     let (ok, _, err) = m.sql("alice.acme", &alice, "select 1");
     assert!(
@@ -278,19 +305,19 @@ fn roles_in_the_tenants_file_log_in_as_role_dot_tenant_and_are_kept_in_line() {
     // (a real login with it) still passes after a restart.
     let old_own = m.secret("acme.password");
     let (code, text) = m.cli(&["tenant", "credentials", "acme", "--rotate"]);
-    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(code, Some(0), "{}", masked(&text));
     let new_own = m.secret("acme.password");
-    assert_ne!(new_own, old_own);
-    assert!(text.contains(&new_own), "{text}");
+    assert!(new_own != old_own, "rotation kept the old password");
+    assert!(text.contains(&new_own), "{}", masked(&text));
     let (ok, _, err) = m.sql("acme", &old_own, "select 1");
     assert!(
         !ok && err.contains("password authentication failed"),
         "{err}"
     );
     let (code, text) = m.cli(&["tenant", "stop", "acme"]);
-    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(code, Some(0), "{}", masked(&text));
     let (code, text) = m.cli(&["tenant", "start", "acme"]);
-    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(code, Some(0), "{}", masked(&text));
     assert_eq!(m.as_acme("select count(*) from t"), "2");
 
     // Removing a role that owns a table is refused, with the way out; the role stays.
@@ -299,12 +326,13 @@ fn roles_in_the_tenants_file_log_in_as_role_dot_tenant_and_are_kept_in_line() {
     assert!(ok, "{err}");
     m.write_tenants(r#"{"reporting": {"read_only": true, "connection_limit": 5}}"#);
     let (code, text) = m.cli(&["sync"]);
-    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(code, Some(1), "{}", masked(&text));
     assert!(
         text.contains("role alice is no longer in the tenants file but still owns objects")
             && text.contains("owner of table mine")
             && text.contains("REASSIGN OWNED BY alice"),
-        "{text}"
+        "{}",
+        masked(&text)
     );
     assert!(
         m.sql("alice.acme", &new_alice, "select 1").0,
@@ -313,7 +341,7 @@ fn roles_in_the_tenants_file_log_in_as_role_dot_tenant_and_are_kept_in_line() {
     // Once its objects are gone, the next pass drops it and its password file.
     m.as_acme("reassign owned by alice to acme; drop owned by alice");
     let out = m.sync();
-    assert!(out.contains("role dropped: alice.acme"), "{out}");
+    assert!(out.contains("role dropped: alice.acme"), "{}", masked(&out));
     assert_eq!(
         m.as_acme("select count(*) from pg_roles where rolname = 'alice'"),
         "0"
