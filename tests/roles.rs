@@ -319,6 +319,21 @@ fn roles_in_the_tenants_file_log_in_as_role_dot_tenant_and_are_kept_in_line() {
     let (code, text) = m.cli(&["tenant", "start", "acme"]);
     assert_eq!(code, Some(0), "{}", masked(&text));
     assert_eq!(m.as_acme("select count(*) from t"), "2");
+    // A stored password that is not the server's: readiness is a real login and says why.
+    let own_file = m.layout.root().join("secrets/acme.password");
+    std::fs::write(&own_file, format!("{old_own}\n")).unwrap();
+    m.cli(&["tenant", "stop", "acme"]);
+    let (code, text) = m.cli(&["tenant", "start", "acme"]);
+    assert!(
+        code == Some(1)
+            && text.contains("PostgreSQL refused the tenant's login")
+            && text.contains("initialized with another password"),
+        "{}",
+        masked(&text)
+    );
+    std::fs::write(&own_file, format!("{new_own}\n")).unwrap();
+    m.sync();
+    assert_eq!(m.as_acme("select count(*) from t"), "2");
 
     // Removing a role that owns a table is refused, with the way out; the role stays.
     m.as_acme("grant create on schema public to alice");
