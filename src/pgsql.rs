@@ -6,10 +6,18 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use tokio::net::UnixStream;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
+
+/// How long a login may take: a paused or wedged server must not hold a reconcile pass.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bounds for every statement of the agent's sessions, enforced by the server itself (a
+/// `DROP ROLE` waiting behind a tenant's long transaction gives up instead of hanging).
+const SESSION_OPTIONS: &str = "-c statement_timeout=15s -c lock_timeout=5s";
 
 /// The comment that marks a role as created and kept by pgs; roles without it are the
 /// tenant's own and never touched.
@@ -114,20 +122,25 @@ pub struct RoleAttrs {
     pub connection_limit: Option<u32>,
 }
 
-/// An open session as the tenant's superuser.
+/// An open session as the tenant's superuser. Dropping it ends the session cleanly: the
+/// connection task sends Terminate once the client is gone, then ends.
 pub struct Session {
     client: tokio_postgres::Client,
-    connection: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.connection.abort();
+/// Logs in (SCRAM or whatever the server asks for) and waits for ReadyForQuery, within
+/// `CONNECT_TIMEOUT`.
+pub async fn connect(login: &Login) -> Result<Session, ConnectError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect_now(login)).await {
+        Ok(result) => result,
+        Err(_) => Err(ConnectError::NotYet(format!(
+            "{}: no answer within {CONNECT_TIMEOUT:?}",
+            login.socket.display()
+        ))),
     }
 }
 
-/// Logs in (SCRAM or whatever the server asks for) and waits for ReadyForQuery.
-pub async fn connect(login: &Login) -> Result<Session, ConnectError> {
+async fn connect_now(login: &Login) -> Result<Session, ConnectError> {
     let not_yet = |e: String| ConnectError::NotYet(format!("{}: {e}", login.socket.display()));
     let stream = UnixStream::connect(&login.socket)
         .await
@@ -137,7 +150,8 @@ pub async fn connect(login: &Login) -> Result<Session, ConnectError> {
         .user(&login.user)
         .dbname(&login.user)
         .password(&login.password)
-        .application_name("pgs-agent");
+        .application_name("pgs-agent")
+        .options(SESSION_OPTIONS);
     let (client, connection) = config.connect_raw(stream, NoTls).await.map_err(|e| {
         match e.as_db_error() {
             // "the database system is starting up" and friends: ask again.
@@ -150,10 +164,10 @@ pub async fn connect(login: &Login) -> Result<Session, ConnectError> {
             None => not_yet(with_causes(&e)),
         }
     })?;
-    let connection = tokio::spawn(async move {
+    tokio::spawn(async move {
         let _ = connection.await;
     });
-    Ok(Session { client, connection })
+    Ok(Session { client })
 }
 
 /// Proves the server accepts logins: connects, then drops the session.

@@ -8,12 +8,16 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::Duration;
 
 use crate::fsutil;
 use crate::instances::docker::generate_password;
 use crate::pgsql::{self, Login, RoleAttrs, Session};
 use crate::settings::Paths;
 use crate::tenants::{RoleSpec, TenantId};
+
+/// The most one tenant's roles may hold a pass (a server paused or wedged after the login).
+const PASS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// SQLSTATE dependent_objects_still_exist: DROP ROLE refused while the role owns objects or
 /// holds privileges.
@@ -50,9 +54,15 @@ pub async fn sync(
             return out;
         }
     };
-    if let Err(e) = apply(&session, paths, id, want, &mut out).await {
-        out.errors
-            .push(format!("tenant {id}: managing its roles failed: {e}"));
+    match tokio::time::timeout(PASS_TIMEOUT, apply(&session, paths, id, want, &mut out)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => out
+            .errors
+            .push(format!("tenant {id}: managing its roles failed: {e}")),
+        Err(_) => out.errors.push(format!(
+            "tenant {id}: its server did not answer within {PASS_TIMEOUT:?} while its roles \
+             were managed; the next pass tries again"
+        )),
     }
     out
 }
@@ -186,9 +196,9 @@ pub async fn rotate(
         }
         None => (id.to_string(), paths.tenant_password_file(id)),
     };
-    session
-        .set_password(&name, &password)
+    tokio::time::timeout(PASS_TIMEOUT, session.set_password(&name, &password))
         .await
+        .map_err(|_| RotateError::NoAnswer)?
         .map_err(RotateError::Sql)?;
     // The server has the new password: store it where readiness and `credentials` read it.
     // The tenant's own file keeps its owner (the container user may own it) and mode.
@@ -207,6 +217,11 @@ pub enum RotateError {
     Random(io::Error),
     #[error("role {0} is not one pgs made on the tenant's server yet; run sync first")]
     NoRole(String),
+    #[error(
+        "the server did not answer within {PASS_TIMEOUT:?}; the password may or may not have \
+         changed: rotate again"
+    )]
+    NoAnswer,
     #[error("the server refused the new password: {0}")]
     Sql(pgsql::SqlError),
     #[error(
