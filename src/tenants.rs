@@ -573,12 +573,11 @@ impl Validator {
             match fields.get("connection_limit") {
                 None => {}
                 Some(v) => match v.as_u64() {
+                    Some(0) => role.connection_limit = None,
                     Some(n @ 1..=10_000) => role.connection_limit = Some(n as u32),
                     _ => self.problem(
                         &join(&here, "connection_limit"),
-                        format!(
-                            "expected a whole number from 1 to 10000 (leave it out for no limit), found {v}"
-                        ),
+                        format!("expected a whole number from 0 (no limit) to 10000, found {v}"),
                     ),
                 },
             }
@@ -1115,7 +1114,8 @@ mod tests {
         let got = problems(json!({"version": 1, "tenants": {
             "acme": {"managed": {"roles": {
                 "acme": {}, "pg_monitor": {}, "App": {}, "a.b": {},
-                "ok": {"read_only": "yes", "connection_limit": 0, "superuser": true},
+                "ok": {"read_only": "yes", "connection_limit": -1, "superuser": true},
+                "unlimited": {"connection_limit": 0},
                 "list": []
             }}},
             "globex": {"external": {"address": "127.0.0.1:5432"}, "roles": {}},

@@ -79,6 +79,68 @@ fn role_dot_tenant_logs_in_as_the_role_on_the_tenants_server() {
     assert!(log.contains("tenant=acme role=alice"), "{log}");
 }
 
+/// `role.tenant` inside TLS: the internal frontend runs the same Lua on the decrypted stream,
+/// rewrites the StartupMessage the same way, and checks SNI against the tenant part.
+#[test]
+fn role_dot_tenant_is_rewritten_inside_tls_too() {
+    use crate::support::tls::{TestCerts, DOMAIN};
+    use crate::support::{temp_dir, Postgres};
+    if !have_tools(&[
+        "haproxy",
+        "psql",
+        "initdb",
+        "postgres",
+        "pg_isready",
+        "openssl",
+    ]) {
+        return;
+    }
+    let dir = temp_dir();
+    let certs = TestCerts::new(dir.path());
+    let layout = Layout::init_with(
+        dir,
+        &[
+            "--tls-cert",
+            certs.server_pem.to_str().unwrap(),
+            "--tls-domain",
+            DOMAIN,
+        ],
+    );
+    let acme = Postgres::start(layout.dir.path(), "pg_acme", "acme", None);
+    for sql in [
+        "create role alice login password 'alice-pw'",
+        "create database acme",
+    ] {
+        let (ok, _, err) = psql(&acme.direct(), &acme.password, sql);
+        assert!(ok, "{err}");
+    }
+    layout.write_tenants(&format!(
+        r#"{{"version": 1, "tenants": {{
+            "acme": {{"access": "enabled", "external": {{"address": "{}"}}}}}}}}"#,
+        acme.socket_path().display()
+    ));
+    layout.render();
+    let haproxy = layout.start_haproxy();
+    let who = "select current_user || ' ' || current_database()";
+    // No dbname: libpq sends database=alice.acme, the server sees acme.
+    let conninfo = |host: &str| {
+        format!(
+            "host={host} hostaddr=127.0.0.1 port={} user=alice.acme sslmode=require",
+            layout.port
+        )
+    };
+    for host in ["127.0.0.1", "acme.db.test"] {
+        let (ok, out, err) = psql(&conninfo(host), "alice-pw", who);
+        assert!(ok, "{host}: {err}");
+        assert_eq!(out, "alice acme", "{host}");
+    }
+    // The SNI names another tenant than the user's tenant part: refused before any lookup.
+    let (ok, _, err) = psql(&conninfo("globex.db.test"), "alice-pw", who);
+    assert!(!ok && err.contains("names another tenant"), "{err}");
+    let log = haproxy.log_text();
+    assert!(log.contains("tenant=acme role=alice"), "{log}");
+}
+
 /// `text` with every generated password (a run of 32+ hex digits) masked: test output never
 /// shows a secret, even when an assertion fails.
 fn masked(text: &str) -> String {

@@ -449,37 +449,3 @@ fn renewed_certificates_are_served_without_a_reload() {
     drop(session);
     daemon.stop();
 }
-
-/// `role.tenant` inside TLS: the internal frontend runs the same Lua on the decrypted stream,
-/// rewrites the StartupMessage the same way, and checks SNI against the tenant part.
-#[test]
-fn role_dot_tenant_is_rewritten_inside_tls_too() {
-    let Some(t) = TlsStack::start("optional") else {
-        return;
-    };
-    for sql in [
-        "create role alice login password 'alice-pw'",
-        "create database acme",
-    ] {
-        let (ok, _, err) = psql(&t.acme.direct(), &t.acme.password, sql);
-        assert!(ok, "{err}");
-    }
-    let who = "select current_user || ' ' || current_database()";
-    // No dbname: libpq sends database=alice.acme, the server sees acme.
-    let conninfo = |host: &str| {
-        format!(
-            "host={host} hostaddr=127.0.0.1 port={} user=alice.acme sslmode=require",
-            t.port()
-        )
-    };
-    for host in ["127.0.0.1", "acme.db.test"] {
-        let (ok, out, err) = psql(&conninfo(host), "alice-pw", who);
-        assert!(ok, "{host}: {err}");
-        assert_eq!(out, "alice acme", "{host}");
-    }
-    // The SNI names another tenant than the user's tenant part: refused before any lookup.
-    let (ok, _, err) = psql(&conninfo("globex.db.test"), "alice-pw", who);
-    assert!(!ok && err.contains("names another tenant"), "{err}");
-    let log = t.haproxy.log_text();
-    assert!(log.contains("tenant=acme role=alice"), "{log}");
-}
