@@ -41,9 +41,13 @@ Actions (use in a `mode tcp` frontend with `tcp-request inspect-delay`):
       * StartupMessage, protocol 3.x: key/value pairs, each NUL-terminated,
         plus a final NUL that must be the last byte (08P01 otherwise; also
         08P01 for a duplicated `user`).  `user` missing or empty -> 28000;
-        not matching ^[a-z][a-z0-9_]{0,62}$ -> 28000.
-        On success sets txn.pgs_tenant = user and returns, leaving the
-        StartupMessage untouched in the buffer: HAProxy forwards it as is.
+        `user` is `tenant` or `role.tenant` (split on the last dot), each
+        part matching ^[a-z][a-z0-9_]{0,62}$, else 28000.
+        On success sets txn.pgs_tenant and txn.pgs_role and returns.  A
+        plain `tenant` leaves the StartupMessage untouched in the buffer;
+        for `role.tenant` it is replaced (Channel:set) by one with
+        user=role, and database=tenant where the client left it to libpq's
+        default (database = the user as typed) or sent none.
       * Any length outside 8..10000, or any other code (protocol 2, garbage)
         -> 08P01.
       * Client closed / inspect-delay expired before a full message: no
@@ -70,6 +74,7 @@ Actions (use in a `mode tcp` frontend with `tcp-request inspect-delay`):
 
 Variables:
   txn.pgs_tenant  validated tenant (only set when the startup is acceptable).
+  txn.pgs_role    the role the server sees (the tenant itself without a dot).
   txn.pgs_reason  why the connection was refused (for a log-format).
   txn.pgs_via     plain | starttls | direct: how the client negotiated, on
                   the public frontend (for the cfg and the log-format).
@@ -111,6 +116,7 @@ local HEADER_LEN = wire.HEADER_LEN
 local MAX_MESSAGES = 3
 
 local VAR_TENANT   = "txn.pgs_tenant"
+local VAR_ROLE     = "txn.pgs_role"
 local VAR_REASON   = "txn.pgs_reason"
 local VAR_VIA      = "txn.pgs_via"
 local VAR_HINT_TLS = "txn.pgs_hint_tls"
@@ -247,11 +253,15 @@ local function handle_startup(txn, len, mode)
     if mode ~= "inside" then
         negotiations.plain = negotiations.plain + 1
     end
-    local tenant, err = wire.startup_tenant(message)
-    if not tenant then
+    local target, err = wire.startup_target(message)
+    if not target then
         return nil, err
     end
-    return { tenant = tenant, via = (mode ~= "inside") and "plain" or nil }
+    if target.message and txn.req:set(target.message, 0, len) < 0 then
+        error("cannot rewrite the StartupMessage for role " .. target.role)
+    end
+    return { tenant = target.tenant, role = target.role,
+             via = (mode ~= "inside") and "plain" or nil }
 end
 
 -- Reads a CancelRequest of length `len`: the decision names its key, which
@@ -348,6 +358,9 @@ local function pgs_route(txn, mode)
         end
         if decision.cancel then
             txn:set_var(VAR_CANCEL, decision.cancel)
+        end
+        if decision.role then
+            txn:set_var(VAR_ROLE, decision.role)
         end
         if decision.tenant then
             txn:set_var(VAR_TENANT, decision.tenant)

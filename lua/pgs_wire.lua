@@ -83,13 +83,14 @@ function M.is_valid_tenant(name)
 end
 
 -- Parse "key\0value\0...key\0value\0\0" exactly as the postmaster does.
--- Returns a table of parameters, or nil and a refusal.
+-- Returns a table of parameters and the list of {key, value} pairs in the
+-- order sent, or nil and a refusal.
 function M.parse_startup_params(payload)
     local last = #payload          -- index of the terminating NUL
     if last == 0 or payload:byte(last) ~= 0 then
         return nil, M.protocol_violation("malformed_startup", MALFORMED)
     end
-    local params = {}
+    local params, pairs_in_order = {}, {}
     local pos = 1
     while pos < last do            -- each pair consumes >= 2 bytes
         local key_end = payload:find("\0", pos, true)
@@ -106,9 +107,10 @@ function M.parse_startup_params(payload)
                 'invalid startup packet layout: duplicate "user" parameter')
         end
         params[key] = payload:sub(key_end + 1, value_end - 1)
+        pairs_in_order[#pairs_in_order + 1] = { key, params[key] }
         pos = value_end + 1
     end
-    return params
+    return params, nil, pairs_in_order
 end
 
 -- What the first 8 bytes of a startup-phase message are.  Returns a kind:
@@ -197,6 +199,87 @@ function M.startup_tenant(message)
             nil, "user=" .. M.quote_for_log(user))
     end
     return user
+end
+
+-- `role.tenant` user names (several roles per tenant).  Splits a user name
+-- on its last dot; both parts must be valid names.  A name without a dot is
+-- role and tenant at once (`acme` is role acme on tenant acme).  Returns
+-- role, tenant, or nil when the name is not valid.
+function M.split_user(user)
+    local role, tenant = user:match("^(.*)%.([^.]*)$")
+    if not role then
+        role, tenant = user, user
+    end
+    if M.is_valid_tenant(role) and M.is_valid_tenant(tenant) then
+        return role, tenant
+    end
+    return nil
+end
+
+-- The StartupMessage after the rewrite the server must see for a
+-- `role.tenant` user: `user` becomes the role, and `database` becomes the
+-- tenant when the client left it to libpq's default (the user name as
+-- typed) or sent none (the server would default it to the role).  Every
+-- other parameter is kept, in order.  Returns the new message, or nil and a
+-- refusal when it would exceed the startup packet limit.
+function M.rewrite_startup(code, pairs_in_order, typed_user, role, tenant)
+    local out, has_database = {}, false
+    for _, kv in ipairs(pairs_in_order) do
+        local key, value = kv[1], kv[2]
+        if key == "user" then
+            value = role
+        elseif key == "database" then
+            has_database = true
+            if value == typed_user then
+                value = tenant
+            end
+        end
+        out[#out + 1] = key .. "\0" .. value .. "\0"
+    end
+    if not has_database then
+        out[#out + 1] = "database\0" .. tenant .. "\0"
+    end
+    local payload = table.concat(out) .. "\0"
+    local len = M.HEADER_LEN + #payload
+    if len > M.MAX_MESSAGE_LEN then
+        return nil, M.protocol_violation("bad_length",
+            "invalid length of startup packet", "length=" .. len)
+    end
+    return string_pack(">I4I4", len, code) .. payload
+end
+
+-- What a StartupMessage asks for: { tenant =, role =, message = } where
+-- message is the rewritten StartupMessage to forward instead of the
+-- client's (nil when the user named no role: forward it untouched).  Or
+-- nil and a refusal.
+function M.startup_target(message)
+    local params, err, pairs_in_order =
+        M.parse_startup_params(message:sub(M.HEADER_LEN + 1))
+    if not params then
+        return nil, err
+    end
+    local user = params["user"]
+    if user == nil or user == "" then
+        return nil, M.refusal("missing_user", M.SQLSTATE_INVALID_AUTH_SPEC,
+            "no PostgreSQL user name specified in startup packet")
+    end
+    local role, tenant = M.split_user(user)
+    if not role then
+        return nil, M.refusal("invalid_user", M.SQLSTATE_INVALID_AUTH_SPEC,
+            "invalid user name: must be a tenant, or role.tenant, each 1 to 63 " ..
+            "characters, lowercase letters, digits or underscores, starting " ..
+            "with a letter",
+            nil, "user=" .. M.quote_for_log(user))
+    end
+    local target = { tenant = tenant, role = role }
+    if role ~= user then
+        local code = string_unpack(">I4", message, 5)
+        target.message, err = M.rewrite_startup(code, pairs_in_order, user, role, tenant)
+        if not target.message then
+            return nil, err
+        end
+    end
+    return target
 end
 
 return M

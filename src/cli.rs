@@ -216,6 +216,8 @@ pub enum TenantCommand {
     ///
     /// `--format env` keeps the password off command lines (where `ps` shows it):
     /// `(eval "$(pgs-agent tenant credentials acme --format env)" && psql)`.
+    /// `--role app` prints how to connect as the tenant's role `app` (user `app.acme`);
+    /// `--rotate` first sets a new password (printed once; the old one stops working).
     Credentials {
         /// Tenant id.
         id: TenantId,
@@ -223,6 +225,12 @@ pub enum TenantCommand {
         /// eval; pgpass: a line for ~/.pgpass (mode 0600).
         #[arg(long, value_enum, default_value_t = CredentialsFormat::Uri)]
         format: CredentialsFormat,
+        /// One of the roles the tenant declares in the tenants file (`managed.roles`).
+        #[arg(long, value_name = "ROLE")]
+        role: Option<String>,
+        /// Set a new password first, on the server and in the agent's secrets.
+        #[arg(long)]
+        rotate: bool,
     },
 }
 

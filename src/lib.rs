@@ -12,7 +12,6 @@
 //! - `layout`    — `init`: a new self-contained layout.
 //! - `tenant_ops` — tenant add/remove in the file and the user-facing view (CLI and API).
 //! - `tenants`   — the tenants file: raw JSON → validated `Tenants`, `TenantId`, locked writer.
-//! - `pglogin`   — a minimal PostgreSQL login (SCRAM) that proves a server is ready.
 //! - `plan`      — the pure planner: (desired, observed) → `Plan`.
 //! - `reconcile` — observe, plan, apply: the single writer of HAProxy's files and maps.
 //! - `haproxy`   — rendered files and `haproxy -c` (`render`), maps in file and memory
@@ -20,6 +19,10 @@
 //! - `instances` — drivers that run managed tenants' servers (`docker`).
 //! - `fsutil`    — atomic writes and file locks.
 //! - `tls`       — certificates HAProxy serves to clients: files, status, pushes without reload.
+//! - `pgsql`     — the SQL the agent speaks to tenants' servers (tokio-postgres): readiness,
+//!   roles, passwords.
+//! - `roles`     — managed tenants' extra roles: the tenants file's `roles` → their servers,
+//!   password files, rotation.
 
 pub mod access;
 pub mod api;
@@ -31,9 +34,10 @@ pub mod fsutil;
 pub mod haproxy;
 pub mod instances;
 pub mod layout;
-pub mod pglogin;
+pub mod pgsql;
 pub mod plan;
 pub mod reconcile;
+pub mod roles;
 pub mod settings;
 pub mod tenant_ops;
 pub mod tenants;

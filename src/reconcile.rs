@@ -18,8 +18,9 @@ use crate::haproxy::maps::{self, Entries};
 use crate::haproxy::master::MasterCli;
 use crate::haproxy::render::{self, Rendered};
 use crate::haproxy::runtime::{Info, RuntimeApi, RuntimeError};
-use crate::instances::{DriverError, InstanceDriver, ObservedInstance};
+use crate::instances::{DriverError, InstanceDriver, ObservedInstance, RunState};
 use crate::plan::{self, Desired, InstanceStep, MapStep, Observed, Plan};
+use crate::roles;
 use crate::settings::Agent;
 use crate::tenants::{self, Instance, TenantId, Tenants};
 use crate::tls;
@@ -86,10 +87,12 @@ pub enum ProblemKind {
     Other,
     /// A TLS certificate file that cannot be used, or that HAProxy refused.
     Certificates,
+    /// A managed tenant's extra roles could not be kept in line on its server.
+    Roles,
 }
 
 impl ProblemKind {
-    pub const ALL: [ProblemKind; 9] = [
+    pub const ALL: [ProblemKind; 10] = [
         ProblemKind::Instance,
         ProblemKind::Config,
         ProblemKind::Reload,
@@ -99,6 +102,7 @@ impl ProblemKind {
         ProblemKind::Haproxy,
         ProblemKind::Other,
         ProblemKind::Certificates,
+        ProblemKind::Roles,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -112,6 +116,7 @@ impl ProblemKind {
             ProblemKind::Haproxy => "haproxy",
             ProblemKind::Other => "other",
             ProblemKind::Certificates => "certificates",
+            ProblemKind::Roles => "roles",
         }
     }
 
@@ -381,6 +386,11 @@ async fn apply<D: InstanceDriver>(
     }
     report.held_back = failed.iter().cloned().collect();
 
+    // 2b. Extra roles, on servers that run and accept logins.
+    if let Some(d) = driver {
+        sync_roles(agent, d, tenants, observed, plan, &failed, report).await;
+    }
+
     // 3. Config: check, write, reload (only when the backend set changed). The access map
     // written with it leaves out servers that are not ready: a reload must not open them.
     let mut want_access = maps::entries(render::access_entries(tenants));
@@ -463,6 +473,53 @@ async fn apply<D: InstanceDriver>(
                 )),
                 Err(e) => report.problem(ProblemKind::Instance, e.to_string()),
             }
+        }
+    }
+}
+
+/// Makes every running managed server hold the roles its tenant declares (see `roles`). A
+/// role problem is reported but never closes the tenant: its own role still works.
+async fn sync_roles<D: InstanceDriver>(
+    agent: &Agent,
+    driver: &D,
+    tenants: &Tenants,
+    observed: &Observed,
+    plan: &Plan,
+    failed: &BTreeSet<TenantId>,
+    report: &mut Report,
+) {
+    for t in tenants.iter() {
+        if !matches!(t.instance, Instance::Managed(_))
+            || t.stopped
+            || failed.contains(&t.id)
+            || !roles::needs_sync(&agent.paths, &t.id, &t.roles)
+        {
+            continue;
+        }
+        let started_now = plan.instances.iter().any(|s| {
+            s.tenant() == &t.id
+                && !matches!(s, InstanceStep::Stop { .. } | InstanceStep::Remove { .. })
+        });
+        let running = observed
+            .instances
+            .as_ref()
+            .and_then(|m| m.get(&t.id))
+            .and_then(|i| i.state)
+            == Some(RunState::Running);
+        if !started_now && !running {
+            continue;
+        }
+        let login = match driver.admin_login(&t.id) {
+            Ok(l) => l,
+            Err(e) => {
+                report.problem(ProblemKind::Roles, e.to_string());
+                continue;
+            }
+        };
+        let outcome = roles::sync(&agent.paths, &login, &t.id, &t.roles).await;
+        report.done.extend(outcome.done);
+        for e in outcome.errors {
+            report.problem(ProblemKind::Roles, e);
         }
     }
 }

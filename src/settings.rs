@@ -661,6 +661,16 @@ impl Paths {
         self.secrets_dir.join(format!("{id}.password"))
     }
 
+    /// Where the passwords of a managed tenant's extra roles live (`<role>.password`, 0600).
+    pub fn tenant_roles_dir(&self, id: &crate::tenants::TenantId) -> PathBuf {
+        self.secrets_dir.join("roles").join(id.as_str())
+    }
+
+    /// The password file of role `role` of tenant `id`.
+    pub fn role_password_file(&self, id: &crate::tenants::TenantId, role: &str) -> PathBuf {
+        self.tenant_roles_dir(id).join(format!("{role}.password"))
+    }
+
     /// The same layout with the rendered HAProxy files moved under `dir` (for checking a
     /// candidate without touching the live files).
     pub fn with_haproxy_dir(&self, dir: &Path) -> Paths {

@@ -232,6 +232,19 @@ pub struct Tenant {
     pub tls: TenantTls,
     /// Most concurrent client sessions through HAProxy; `None`: the settings' default.
     pub connection_limit: Option<u32>,
+    /// Extra roles on a managed tenant's server (`managed.roles`), by name; users log in as
+    /// `<role>.<tenant>`. Kept out of `ManagedSpec`: a role change never replaces the container.
+    pub roles: BTreeMap<String, RoleSpec>,
+}
+
+/// One extra role of a managed tenant (`managed.roles.<name>` in the tenants file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct RoleSpec {
+    /// Reads every table but writes none (`pg_read_all_data`, read-only transactions);
+    /// otherwise it reads and writes every table (`pg_write_all_data` too).
+    pub read_only: bool,
+    /// Most concurrent sessions (PostgreSQL's `CONNECTION LIMIT`); `None`: no limit.
+    pub connection_limit: Option<u32>,
 }
 
 /// A tenant's TLS policy (`"tls"` in the tenants file). `required` refuses plaintext sessions
@@ -368,8 +381,9 @@ pub fn validate(doc: &Value) -> Result<Tenants, Vec<Problem>> {
                             None
                         }
                     };
-                    let tenant = v.tenant(spec, &place);
-                    if let (Some(id), Some((access, instance, stopped, tls, limit))) = (id, tenant)
+                    let tenant = v.tenant(spec, &place, key);
+                    if let (Some(id), Some((access, instance, stopped, tls, limit, roles))) =
+                        (id, tenant)
                     {
                         tenants.insert(
                             id.clone(),
@@ -380,6 +394,7 @@ pub fn validate(doc: &Value) -> Result<Tenants, Vec<Problem>> {
                                 stopped,
                                 tls,
                                 connection_limit: limit,
+                                roles,
                             },
                         );
                     }
@@ -436,11 +451,20 @@ impl Validator {
         }
     }
 
+    #[allow(clippy::type_complexity)]
     fn tenant(
         &mut self,
         spec: &Value,
         place: &str,
-    ) -> Option<(Access, Instance, bool, TenantTls, Option<u32>)> {
+        id: &str,
+    ) -> Option<(
+        Access,
+        Instance,
+        bool,
+        TenantTls,
+        Option<u32>,
+        BTreeMap<String, RoleSpec>,
+    )> {
         let obj = self.object(spec, place)?;
         self.known_keys(
             obj,
@@ -525,7 +549,68 @@ impl Validator {
             (Some(ext), None) => self.external(ext, &join(place, "external")),
             (None, Some(m)) => self.managed(m, &join(place, "managed")),
         };
-        Some((access?, instance?, stopped?, tls?, limit?))
+        let roles = match obj.get("managed").and_then(|m| m.get("roles")) {
+            Some(r) => self.roles(r, &join(place, "managed.roles"), id),
+            None => Some(BTreeMap::new()),
+        };
+        Some((access?, instance?, stopped?, tls?, limit?, roles?))
+    }
+
+    /// `managed.roles`: `{"<role>": {"read_only": bool, "connection_limit": n}}`.
+    fn roles(
+        &mut self,
+        value: &Value,
+        place: &str,
+        tenant: &str,
+    ) -> Option<BTreeMap<String, RoleSpec>> {
+        let obj = self.object(value, place)?;
+        let before = self.problems.len();
+        let mut roles = BTreeMap::new();
+        for (name, spec) in obj {
+            let here = join(place, name);
+            if let Err(e) = TenantId::parse(name) {
+                let e = e.replace("tenant id", "role name");
+                self.problem(&here, e);
+                continue;
+            }
+            if name == tenant {
+                self.problem(
+                    &here,
+                    "is the tenant's own role (its superuser); name the extra roles otherwise",
+                );
+                continue;
+            }
+            if name.starts_with("pg_") {
+                self.problem(&here, "names starting with \"pg_\" are PostgreSQL's own");
+                continue;
+            }
+            let Some(fields) = self.object(spec, &here) else {
+                continue;
+            };
+            self.known_keys(fields, &here, &["read_only", "connection_limit"]);
+            let mut role = RoleSpec::default();
+            match fields.get("read_only") {
+                None => {}
+                Some(Value::Bool(b)) => role.read_only = *b,
+                Some(other) => self.problem(
+                    &join(&here, "read_only"),
+                    format!("expected true or false, found {other}"),
+                ),
+            }
+            match fields.get("connection_limit") {
+                None => {}
+                Some(v) => match v.as_u64() {
+                    Some(0) => role.connection_limit = None,
+                    Some(n @ 1..=10_000) => role.connection_limit = Some(n as u32),
+                    _ => self.problem(
+                        &join(&here, "connection_limit"),
+                        format!("expected a whole number from 0 (no limit) to 10000, found {v}"),
+                    ),
+                },
+            }
+            roles.insert(name.clone(), role);
+        }
+        (self.problems.len() == before).then_some(roles)
     }
 
     fn external(&mut self, value: &Value, place: &str) -> Option<Instance> {
@@ -563,6 +648,7 @@ impl Validator {
                 "max_connections",
                 "settings",
                 "init_scripts",
+                "roles",
             ],
         );
         let before = self.problems.len();
@@ -1027,6 +1113,60 @@ mod tests {
             "settings": {"Bad-Name": "1", "ok": [1]}, "init_scripts": ["x.txt"]
         }}}}));
         assert_eq!(got.len(), 6, "{got:#?}");
+    }
+
+    #[test]
+    fn roles_of_managed_tenants_are_validated() {
+        let t = validate(&json!({"version": 1, "tenants": {"acme": {"managed": {
+            "memory": "128m",
+            "roles": {"app": {}, "reporting": {"read_only": true, "connection_limit": 5}}
+        }}}}))
+        .unwrap();
+        let acme = t.iter().next().unwrap();
+        assert_eq!(acme.roles["app"], RoleSpec::default());
+        assert_eq!(
+            acme.roles["reporting"],
+            RoleSpec {
+                read_only: true,
+                connection_limit: Some(5)
+            }
+        );
+        // Roles never change the container's spec (its label): no replacement for a role.
+        let Instance::Managed(spec) = &acme.instance else {
+            panic!("not managed")
+        };
+        assert_eq!(spec.memory, Some(128 << 20));
+        assert!(!serde_json::to_string(spec).unwrap().contains("reporting"));
+
+        let got = problems(json!({"version": 1, "tenants": {
+            "acme": {"managed": {"roles": {
+                "acme": {}, "pg_monitor": {}, "App": {}, "a.b": {},
+                "ok": {"read_only": "yes", "connection_limit": -1, "superuser": true},
+                "unlimited": {"connection_limit": 0},
+                "list": []
+            }}},
+            "globex": {"external": {"address": "127.0.0.1:5432"}, "roles": {}},
+            "initech": {"managed": {"roles": []}}
+        }}));
+        let want = [
+            "tenants.acme.managed.roles.acme: is the tenant's own role",
+            "tenants.acme.managed.roles.pg_monitor: names starting with \"pg_\"",
+            "tenants.acme.managed.roles.App: role name \"App\" is not valid",
+            "tenants.acme.managed.roles.a.b: role name \"a.b\" is not valid",
+            "tenants.acme.managed.roles.ok.superuser: unknown field",
+            "tenants.acme.managed.roles.ok.read_only: expected true or false",
+            "tenants.acme.managed.roles.ok.connection_limit: expected a whole number",
+            "tenants.acme.managed.roles.list: expected an object, found a list",
+            "tenants.globex.roles: unknown field",
+            "tenants.initech.managed.roles: expected an object, found a list",
+        ];
+        for w in want {
+            assert!(
+                got.iter().any(|g| g.starts_with(w)),
+                "missing {w:?} in {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), want.len(), "{got:#?}");
     }
 
     #[test]

@@ -26,6 +26,8 @@ mod lua;
 mod package;
 #[path = "protocol.rs"]
 mod protocol;
+#[path = "roles.rs"]
+mod roles;
 #[path = "routing.rs"]
 mod routing;
 #[path = "runtime_api.rs"]

@@ -8,9 +8,11 @@ use serde_json::{json, Map, Value};
 
 use super::sync::{driver, print_report};
 use crate::cli::{CreateArgs, CredentialsFormat, TenantCommand};
+use crate::fsutil::FileLock;
 use crate::instances::docker::DockerDriver;
 use crate::instances::InstanceDriver;
 use crate::reconcile::{self, Report, SyncOptions};
+use crate::roles;
 use crate::settings::Agent;
 use crate::tenant_ops::{self, server_state, views, EditError};
 use crate::tenants::{self, Access, Instance, TenantId, TenantsFileEdit};
@@ -23,7 +25,12 @@ pub async fn run(agent: &Agent, cmd: TenantCommand) -> anyhow::Result<ExitCode> 
         TenantCommand::Stop { id } => set_stopped(agent, &id, true).await,
         TenantCommand::List { json } => list(agent, json).await,
         TenantCommand::Show { id, json } => show(agent, &id, json).await,
-        TenantCommand::Credentials { id, format } => credentials(agent, &id, format).await,
+        TenantCommand::Credentials {
+            id,
+            format,
+            role,
+            rotate,
+        } => credentials(agent, &id, format, role.as_deref(), rotate).await,
     }
 }
 
@@ -271,6 +278,19 @@ async fn show(agent: &Agent, id: &TenantId, json: bool) -> anyhow::Result<ExitCo
     if let Some(spec) = &v.spec {
         println!("spec      {}", serde_json::to_string(spec)?);
     }
+    let tenants = tenants::load(&agent.paths.tenants_file)?;
+    for (name, r) in tenants.get(id).map(|t| &t.roles).into_iter().flatten() {
+        let mut what = vec![if r.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        }
+        .to_owned()];
+        if let Some(n) = r.connection_limit {
+            what.push(format!("at most {n} sessions"));
+        }
+        println!("role      {name} (user {name}.{id}; {})", what.join(", "));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -278,6 +298,8 @@ async fn credentials(
     agent: &Agent,
     id: &TenantId,
     format: CredentialsFormat,
+    role: Option<&str>,
+    rotate: bool,
 ) -> anyhow::Result<ExitCode> {
     let tenants = tenants::load(&agent.paths.tenants_file)?;
     let t = tenants.get(id).ok_or_else(|| {
@@ -289,13 +311,45 @@ async fn credentials(
     if !matches!(t.instance, Instance::Managed(_)) {
         bail!("{id} is an external tenant: pgs does not know its password");
     }
-    let path = agent.paths.tenant_password_file(id);
-    let password = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "cannot read {} (was the tenant provisioned?)",
-            path.display()
-        )
-    })?;
+    if let Some(r) = role.filter(|r| !t.roles.contains_key(*r)) {
+        let declared = if t.roles.is_empty() {
+            "none".to_owned()
+        } else {
+            t.roles.keys().cloned().collect::<Vec<_>>().join(", ")
+        };
+        bail!(
+            "tenant {id} declares no role \"{r}\" (declared: {declared}); add it under \
+             tenants.{id}.managed.roles in {} and run `{} sync`",
+            agent.paths.tenants_file.display(),
+            agent.cli()
+        );
+    }
+    let password = if rotate {
+        rotate_password(agent, t, role).await?
+    } else {
+        let (path, read) = match role {
+            Some(r) => (
+                agent.paths.role_password_file(id, r),
+                roles::stored_password(&agent.paths, id, r),
+            ),
+            None => {
+                let path = agent.paths.tenant_password_file(id);
+                let read = std::fs::read_to_string(&path);
+                (path, read)
+            }
+        };
+        read.with_context(|| {
+            format!(
+                "cannot read {} (was the tenant provisioned? `{} sync` creates its roles)",
+                path.display(),
+                agent.cli()
+            )
+        })?
+    };
+    let user = match role {
+        Some(r) => format!("{r}.{id}"),
+        None => id.to_string(),
+    };
     let listen = &agent.settings.haproxy.listen;
     let (host, port) = listen.rsplit_once(':').unwrap_or((listen, "5432"));
     let host = match host {
@@ -304,14 +358,46 @@ async fn credentials(
     };
     println!(
         "{}",
-        connection_text(format, id, host, port, password.trim_end())
+        connection_text(format, &user, id, host, port, password.trim_end())
     );
+    if rotate {
+        eprintln!("{user}: new password set; the old one no longer works, and this is the only time it is printed");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-/// A tenant's connection details through HAProxy, in one of the `credentials` formats.
+/// Sets a new password while holding the agent lock, so no reconcile pass (readiness logs in
+/// with the tenant's stored password) runs between the server's change and the file's.
+async fn rotate_password(
+    agent: &Agent,
+    t: &tenants::Tenant,
+    role: Option<&str>,
+) -> anyhow::Result<String> {
+    let docker = require_docker(agent).await?;
+    let lock_path = agent.paths.agent_lock.clone();
+    let _lock = tokio::task::spawn_blocking(move || FileLock::exclusive(&lock_path))
+        .await
+        .context("lock task failed")?
+        .with_context(|| format!("cannot lock {}", agent.paths.agent_lock.display()))?;
+    if t.stopped {
+        bail!(
+            "tenant {} is stopped; `{} tenant start {}` first",
+            t.id,
+            agent.cli(),
+            t.id
+        );
+    }
+    let login = docker.admin_login(&t.id)?;
+    roles::rotate(&agent.paths, &login, &t.id, role)
+        .await
+        .with_context(|| format!("tenant {}: rotating the password", t.id))
+}
+
+/// Connection details through HAProxy for `user` (`tenant` or `role.tenant`) on database
+/// `id`, in one of the `credentials` formats.
 fn connection_text(
     format: CredentialsFormat,
+    user: &str,
     id: &TenantId,
     host: &str,
     port: &str,
@@ -319,18 +405,18 @@ fn connection_text(
 ) -> String {
     match format {
         CredentialsFormat::Uri => format!(
-            "postgresql://{id}:{}@{host}:{port}/{id}",
+            "postgresql://{user}:{}@{host}:{port}/{id}",
             percent_encode(password)
         ),
         CredentialsFormat::Env => format!(
-            "export PGHOST={} PGPORT={} PGUSER={id} PGDATABASE={id} PGPASSWORD={}",
+            "export PGHOST={} PGPORT={} PGUSER={user} PGDATABASE={id} PGPASSWORD={}",
             shell_quote(host),
             shell_quote(port),
             shell_quote(password)
         ),
         CredentialsFormat::Pgpass => {
             let esc = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
-            format!("{}:{}:{id}:{id}:{}", esc(host), esc(port), esc(password))
+            format!("{}:{}:{id}:{user}:{}", esc(host), esc(port), esc(password))
         }
     }
 }
@@ -359,7 +445,7 @@ mod tests {
     #[test]
     fn every_credentials_format_carries_the_password_intact() {
         let id: TenantId = "acme".parse().unwrap();
-        let text = |f| connection_text(f, &id, "127.0.0.1", "6432", "p'w:\\x");
+        let text = |f| connection_text(f, "acme", &id, "127.0.0.1", "6432", "p'w:\\x");
         assert_eq!(
             text(CredentialsFormat::Uri),
             "postgresql://acme:p%27w%3A%5Cx@127.0.0.1:6432/acme"
@@ -373,6 +459,18 @@ mod tests {
             text(CredentialsFormat::Pgpass),
             "127.0.0.1:6432:acme:acme:p'w\\:\\\\x"
         );
+    }
+
+    #[test]
+    fn a_role_connects_as_role_dot_tenant_to_the_tenants_database() {
+        let id: TenantId = "acme".parse().unwrap();
+        let text = |f| connection_text(f, "app.acme", &id, "h", "5432", "pw");
+        assert_eq!(
+            text(CredentialsFormat::Uri),
+            "postgresql://app.acme:pw@h:5432/acme"
+        );
+        assert!(text(CredentialsFormat::Env).contains("PGUSER=app.acme PGDATABASE=acme "));
+        assert_eq!(text(CredentialsFormat::Pgpass), "h:5432:acme:app.acme:pw");
     }
 
     #[test]

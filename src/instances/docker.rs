@@ -25,7 +25,7 @@ use futures_util::StreamExt;
 
 use super::{DriverError, InstanceDriver, ObservedInstance, Removed, RunState};
 use crate::fsutil;
-use crate::pglogin;
+use crate::pgsql;
 use crate::settings::{DockerSettings, Paths};
 use crate::tenants::{self, ManagedSpec, TenantId};
 
@@ -513,6 +513,23 @@ impl DockerDriver {
 }
 
 impl InstanceDriver for DockerDriver {
+    fn admin_login(&self, id: &TenantId) -> Result<pgsql::Login, DriverError> {
+        let password = self.password(id).map_err(|e| {
+            failed(
+                id,
+                format!(
+                    "cannot read the password file {}: {e}",
+                    self.paths.tenant_password_file(id).display()
+                ),
+            )
+        })?;
+        Ok(pgsql::Login {
+            socket: self.socket_path(id),
+            user: id.to_string(),
+            password,
+        })
+    }
+
     async fn observe(&self) -> Result<Vec<ObservedInstance>, DriverError> {
         let prefix = &self.settings.prefix;
         let filters = self.installation_filter();
@@ -748,16 +765,7 @@ impl InstanceDriver for DockerDriver {
         let started = Instant::now();
         let deadline = started + timeout;
         let name = self.container_name(id);
-        let password = self.password(id).map_err(|e| {
-            failed(
-                id,
-                format!(
-                    "cannot read the password file {}: {e}",
-                    self.paths.tenant_password_file(id).display()
-                ),
-            )
-        })?;
-        let socket = self.socket_path(id);
+        let login = self.admin_login(id)?;
         let mut restarts_at_start = None;
         loop {
             let Some(c) = self.owned_container(id).await? else {
@@ -776,22 +784,18 @@ impl InstanceDriver for DockerDriver {
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let attempt = remaining.clamp(Duration::from_millis(200), ATTEMPT_TIMEOUT);
-            let last = match tokio::time::timeout(
-                attempt,
-                pglogin::login(&socket, id.as_str(), &password),
-            )
-            .await
-            {
-                Ok(Ok(how)) => {
+            let last = match tokio::time::timeout(attempt, pgsql::login(&login)).await {
+                Ok(Ok(())) => {
                     tracing::info!(
                         tenant = %id,
-                        "PostgreSQL accepts logins ({how}) after {:.1}s",
+                        "PostgreSQL accepts logins after {:.1}s",
                         started.elapsed().as_secs_f64()
                     );
                     return Ok(());
                 }
-                Ok(Err(pglogin::LoginError::Fatal(message))) => {
-                    let hint = if message.contains("28P01") {
+                Ok(Err(e @ pgsql::ConnectError::Refused(_))) => {
+                    let message = e.to_string();
+                    let hint = if e.is_wrong_password() {
                         format!(
                             "; the data volume {} was initialized with another password \
                                  than the one in {}",
@@ -806,7 +810,7 @@ impl InstanceDriver for DockerDriver {
                         format!("PostgreSQL refused the tenant's login: {message}{hint}"),
                     ));
                 }
-                Ok(Err(pglogin::LoginError::NotYet(message))) => message,
+                Ok(Err(pgsql::ConnectError::NotYet(message))) => message,
                 Err(_) => format!("no answer within {attempt:?}"),
             };
             if Instant::now() >= deadline {
@@ -883,6 +887,12 @@ impl InstanceDriver for DockerDriver {
             if let Err(e) = fs::remove_file(&pw) {
                 if e.kind() != io::ErrorKind::NotFound {
                     tracing::warn!(tenant = %id, "cannot remove {}: {e}", pw.display());
+                }
+            }
+            let roles = self.paths.tenant_roles_dir(id);
+            if let Err(e) = fs::remove_dir_all(&roles) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(tenant = %id, "cannot remove {}: {e}", roles.display());
                 }
             }
         }
@@ -1163,7 +1173,7 @@ fn tail_lines(text: &str, n: usize, secret: &str) -> String {
 }
 
 /// 32 random bytes as 64 hex digits: nothing a shell, a URL or a conninfo string would mangle.
-fn generate_password() -> io::Result<String> {
+pub(crate) fn generate_password() -> io::Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| io::Error::other(format!("getrandom: {e}")))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())

@@ -86,6 +86,10 @@ pub trait InstanceDriver: Send + Sync {
 
     fn stop(&self, tenant: &TenantId) -> impl Future<Output = Result<(), DriverError>> + Send;
 
+    /// How the agent logs in to the tenant's running server as the tenant's own superuser
+    /// (roles, password rotation).
+    fn admin_login(&self, tenant: &TenantId) -> Result<crate::pgsql::Login, DriverError>;
+
     /// Removes the container; removes the data volume only when `purge_data` is set.
     fn remove(
         &self,
