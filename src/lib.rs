@@ -21,6 +21,7 @@
 
 pub mod access;
 pub mod api;
+pub mod backups;
 pub mod cli;
 pub mod commands;
 pub mod daemon;

@@ -37,6 +37,92 @@ pub struct Settings {
     pub docker: DockerSettings,
     #[serde(default)]
     pub api: ApiSettings,
+    #[serde(default)]
+    pub backups: BackupSettings,
+}
+
+/// Backups of managed tenants (pgBackRest): where the repositories live, and the defaults a
+/// tenant's `"backups"` entry in the tenants file can override.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSettings {
+    /// One pgBackRest repository per tenant, `<repository>/<tenant>`, bind-mounted into its
+    /// container.
+    #[serde(default = "d_repository")]
+    pub repository: PathBuf,
+    /// PostgreSQL's `archive_timeout` in seconds: the most committed work a lost volume can
+    /// cost on a server that writes little.
+    #[serde(default = "d_archive_timeout")]
+    pub archive_timeout_secs: u64,
+    /// A full backup at least this often ("7d", "12h", "30m").
+    #[serde(default = "d_full_every")]
+    pub full_every: String,
+    /// An incremental backup at least this often.
+    #[serde(default = "d_incr_every")]
+    pub incr_every: String,
+    /// Full backups kept (with the incrementals and WAL that depend on them).
+    #[serde(default = "d_keep_full")]
+    pub keep_full: u32,
+    /// When set, full backups are kept by age instead of count: this many days.
+    pub keep_days: Option<u32>,
+    /// `pgbackrest verify` of each repository at least this often.
+    #[serde(default = "d_verify_every")]
+    pub verify_every: String,
+    /// The latest backup is restored into a scratch volume and checked at least this often.
+    #[serde(default = "d_restore_test_every")]
+    pub restore_test_every: String,
+}
+
+fn d_repository() -> PathBuf {
+    "backups".into()
+}
+fn d_archive_timeout() -> u64 {
+    60
+}
+fn d_full_every() -> String {
+    "7d".into()
+}
+fn d_incr_every() -> String {
+    "1d".into()
+}
+fn d_keep_full() -> u32 {
+    2
+}
+fn d_verify_every() -> String {
+    "1d".into()
+}
+fn d_restore_test_every() -> String {
+    "7d".into()
+}
+
+impl Default for BackupSettings {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+/// Parses an interval like "90s", "30m", "12h" or "7d" into seconds.
+pub fn parse_interval(s: &str) -> Result<u64, String> {
+    let digits = s.chars().take_while(|c| c.is_ascii_digit()).count();
+    let unit = match &s[digits..] {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "{s:?} is not an interval like \"90s\", \"30m\", \"12h\" or \"7d\""
+            ))
+        }
+    };
+    match s[..digits].parse::<u64>() {
+        Ok(n) if n > 0 => n
+            .checked_mul(unit)
+            .ok_or_else(|| format!("{s:?} is too long")),
+        _ => Err(format!(
+            "{s:?} is not an interval like \"90s\", \"30m\", \"12h\" or \"7d\""
+        )),
+    }
 }
 
 /// The HTTP API that `run` serves.
@@ -262,6 +348,21 @@ impl Settings {
         }
         crate::tenants::parse_size(&d.default_memory)
             .map_err(|e| anyhow::anyhow!("docker.default_memory: {e}"))?;
+        let b = &self.backups;
+        for (name, v) in [
+            ("backups.full_every", &b.full_every),
+            ("backups.incr_every", &b.incr_every),
+            ("backups.verify_every", &b.verify_every),
+            ("backups.restore_test_every", &b.restore_test_every),
+        ] {
+            parse_interval(v).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        }
+        if b.keep_full == 0 {
+            bail!("backups.keep_full must be at least 1");
+        }
+        if b.archive_timeout_secs == 0 || b.archive_timeout_secs > 86_400 {
+            bail!("backups.archive_timeout_secs must be from 1 to 86400");
+        }
         Ok(())
     }
 
@@ -290,7 +391,7 @@ impl Settings {
             }
         };
         section("", table, &mut out);
-        for name in ["haproxy", "docker", "api"] {
+        for name in ["haproxy", "docker", "api", "backups"] {
             let t = table.get(name).and_then(|v| v.as_table()).cloned();
             section(name, &t.unwrap_or_default(), &mut out);
         }
@@ -326,6 +427,14 @@ const SETTING_DOCS: &[(&str, &str, &str, &str)] = &[
     ("docker", "ready_timeout_secs", "How long a new or restarted server may take to accept logins, in seconds.", ""),
     ("api", "listen", "HTTP API of `run`: HOST:PORT (keep it on loopback), a unix socket path, or \"\" for none.", ""),
     ("api", "max_body_bytes", "Largest request body the API accepts, in bytes.", ""),
+    ("backups", "repository", "Where each managed tenant's pgBackRest repository lives (one directory per tenant).", ""),
+    ("backups", "archive_timeout_secs", "PostgreSQL's archive_timeout: the most committed work (in seconds) a lost volume can cost.", ""),
+    ("backups", "full_every", "A full backup at least this often (\"7d\", \"12h\"); a tenant's \"backups\" entry overrides it.", ""),
+    ("backups", "incr_every", "An incremental backup at least this often.", ""),
+    ("backups", "keep_full", "Full backups kept (with their incrementals and WAL).", ""),
+    ("backups", "keep_days", "Keep full backups by age (days) instead of by count.", "14"),
+    ("backups", "verify_every", "`pgbackrest verify` of each repository at least this often.", ""),
+    ("backups", "restore_test_every", "Restore the latest backup into a scratch volume and check it at least this often.", ""),
 ];
 
 /// Accepts what HAProxy's time parser accepts for our uses: digits and an optional unit.
@@ -379,6 +488,10 @@ pub struct Paths {
     pub lua: PathBuf,
     /// Candidate files are rendered and checked here before the real ones are replaced.
     pub staging_dir: PathBuf,
+    /// The root of the tenants' backup repositories (`[backups] repository`).
+    pub backups_dir: PathBuf,
+    /// What the agent records about tenants: which volume holds their data, backup results.
+    pub state_dir: PathBuf,
 }
 
 impl Paths {
@@ -426,11 +539,31 @@ impl Paths {
             access_map: maps_dir.join("access.map"),
             lua: haproxy_dir.join("pg-route.lua"),
             staging_dir: haproxy_dir.join(".staging"),
+            backups_dir: at(&s.backups.repository),
+            state_dir: base.join("state"),
             maps_dir,
             haproxy_dir,
             run_dir,
             config,
         }
+    }
+
+    /// A managed tenant's pgBackRest repository.
+    pub fn tenant_repository(&self, id: &crate::tenants::TenantId) -> PathBuf {
+        self.backups_dir.join(id.as_str())
+    }
+
+    /// The file naming the volume that holds a tenant's data, once a restore moved it off the
+    /// volume it was created with.
+    pub fn tenant_volume_record(&self, id: &crate::tenants::TenantId) -> PathBuf {
+        self.state_dir.join("volumes").join(id.as_str())
+    }
+
+    /// Backup results of a tenant (last success, failures, verify and restore tests).
+    pub fn tenant_backup_status(&self, id: &crate::tenants::TenantId) -> PathBuf {
+        self.state_dir
+            .join("backups")
+            .join(format!("{}.json", id.as_str()))
     }
 
     /// The directory bind-mounted as a managed tenant's `/var/run/postgresql`.
@@ -539,6 +672,7 @@ mod tests {
         s.haproxy.master_socket = Some("/run/m.sock".into());
         s.haproxy.hard_stop_after = Some("1h".into());
         s.haproxy.threads = Some(1);
+        s.backups.keep_days = Some(14);
         let full = toml::Value::try_from(&s).unwrap();
         for (name, v) in full.as_table().unwrap() {
             let keys: Vec<(&str, &str)> = match v.as_table() {
@@ -576,6 +710,17 @@ mod tests {
         assert!(err.to_string().contains("haproxy.startup_timeout"), "{err}");
         let err = Settings::parse("tenant_file = \"x\"\n").unwrap_err();
         assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
+    }
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_interval("90s"), Ok(90));
+        assert_eq!(parse_interval("7d"), Ok(604_800));
+        for bad in ["", "7", "0d", "1w", "d", "-1h"] {
+            assert!(parse_interval(bad).is_err(), "{bad}");
+        }
+        let err = Settings::parse("[backups]\nfull_every = \"weekly\"\n").unwrap_err();
+        assert!(err.to_string().contains("backups.full_every"), "{err}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub const EXIT_CHANGED: u8 = 2;
 /// fine (external tenants only); with them it is an error that says how to fix it.
 pub async fn driver(agent: &Agent) -> anyhow::Result<Option<DockerDriver>> {
     match DockerDriver::connect(&agent.settings.docker, &agent.paths).await {
-        Ok(d) => Ok(Some(d)),
+        Ok(d) => Ok(Some(d.with_backups(&agent.settings.backups))),
         Err(e) => {
             let managed = tenants::load(&agent.paths.tenants_file)
                 .map(|t| t.iter().any(|t| matches!(t.instance, Instance::Managed(_))))

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Map, Value};
 
+use super::backups;
 use super::sync::{driver, print_report};
 use crate::cli::{CreateArgs, CredentialsFormat, TenantCommand};
 use crate::instances::docker::DockerDriver;
@@ -24,12 +25,27 @@ pub async fn run(agent: &Agent, cmd: TenantCommand) -> anyhow::Result<ExitCode> 
         TenantCommand::List { json } => list(agent, json).await,
         TenantCommand::Show { id, json } => show(agent, &id, json).await,
         TenantCommand::Credentials { id, format } => credentials(agent, &id, format).await,
+        TenantCommand::Backup { id, full, json } => backups::backup(agent, &id, full, json).await,
+        TenantCommand::Backups { id, json } => backups::list(agent, &id, json).await,
+        TenantCommand::Restore {
+            id,
+            to,
+            backup,
+            latest,
+            into,
+            dry_run,
+            json,
+        } => backups::restore_cmd(agent, &id, to, backup, latest, into, dry_run, json).await,
+        TenantCommand::Verify { id } => backups::verify(agent, &id).await,
+        TenantCommand::RestoreTest { id } => backups::restore_test(agent, &id).await,
+        TenantCommand::Volumes { id, purge_old } => backups::volumes(agent, &id, purge_old).await,
     }
 }
 
-async fn require_docker(agent: &Agent) -> anyhow::Result<DockerDriver> {
+pub(super) async fn require_docker(agent: &Agent) -> anyhow::Result<DockerDriver> {
     DockerDriver::connect(&agent.settings.docker, &agent.paths)
         .await
+        .map(|d| d.with_backups(&agent.settings.backups))
         .context("managed tenants need the Docker engine")
 }
 

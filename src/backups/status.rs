@@ -1,0 +1,76 @@
+//! What the agent records about each tenant's backups, under `state/backups/<id>.json`: the
+//! last success and its size, failures (counted, with the last reason), the last verify and
+//! the last restore test. Written atomically; a missing or unreadable file reads as "nothing
+//! yet".
+
+use serde::{Deserialize, Serialize};
+
+use super::clock;
+use crate::fsutil;
+use crate::settings::Paths;
+use crate::tenants::TenantId;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Status {
+    /// When the last successful backup ended (seconds since the epoch).
+    pub last_success: Option<i64>,
+    /// Its size in the repository, in bytes.
+    pub last_size: Option<u64>,
+    pub last_failure: Option<i64>,
+    pub last_error: Option<String>,
+    /// Failed backups since the agent began counting.
+    pub failures: u64,
+    pub verified_at: Option<i64>,
+    pub verify_ok: Option<bool>,
+    pub verify_error: Option<String>,
+    pub restore_test_at: Option<i64>,
+    pub restore_test_ok: Option<bool>,
+    pub restore_test_detail: Option<String>,
+}
+
+impl Status {
+    pub fn backup_ok(&mut self, stop: i64, size: u64) {
+        self.last_success = Some(stop);
+        self.last_size = Some(size);
+    }
+
+    pub fn backup_failed(&mut self, reason: &str) {
+        self.last_failure = Some(clock::now());
+        self.last_error = Some(reason.to_owned());
+        self.failures += 1;
+    }
+
+    pub fn verified(&mut self, error: Option<String>) {
+        self.verified_at = Some(clock::now());
+        self.verify_ok = Some(error.is_none());
+        self.verify_error = error;
+    }
+
+    pub fn restore_tested(&mut self, ok: bool, detail: String) {
+        self.restore_test_at = Some(clock::now());
+        self.restore_test_ok = Some(ok);
+        self.restore_test_detail = Some(detail);
+    }
+}
+
+pub fn load(paths: &Paths, id: &TenantId) -> Status {
+    std::fs::read(paths.tenant_backup_status(id))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+pub fn save(paths: &Paths, id: &TenantId, status: &Status) {
+    let path = paths.tenant_backup_status(id);
+    let result = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| {
+            let text = serde_json::to_vec_pretty(status).unwrap_or_default();
+            fsutil::write_atomic(&path, &text, 0o644)
+        });
+    if let Err(e) = result {
+        tracing::warn!(tenant = %id, "cannot record backup status in {}: {e}", path.display());
+    }
+}
