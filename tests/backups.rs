@@ -175,3 +175,163 @@ fn point_in_time_restore_into_a_copy_and_in_place() {
         "A,C"
     );
 }
+
+fn labels(listing: &serde_json::Value) -> Vec<String> {
+    listing["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["label"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Archived WAL segment names (24 hex digits) in a repository.
+fn archived_segments(repo: &std::path::Path, stanza: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let archive = repo.join("archive").join(stanza);
+    for version in std::fs::read_dir(archive).unwrap().flatten() {
+        let Ok(dirs) = std::fs::read_dir(version.path()) else {
+            continue;
+        };
+        for dir in dirs.flatten() {
+            for f in std::fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = f.file_name().to_string_lossy().into_owned();
+                let seg = name.split('-').next().unwrap_or("");
+                if seg.len() == 24 && !name.contains(".backup") {
+                    out.push(seg.to_owned());
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn retention_verify_and_failures() {
+    let Some(s) = setup() else { return };
+    s.ok(&["tenant", "create", "acme", "--enable"]);
+    s.sql(
+        "acme",
+        "CREATE TABLE t (v text); INSERT INTO t VALUES ('A')",
+    );
+
+    // Retention: three full backups with keep_full = 2 leave the last two, and the WAL only
+    // the first needed is gone.
+    let mut taken = Vec::new();
+    for _ in 0..3 {
+        s.sql("acme", "INSERT INTO t VALUES ('x')");
+        s.ok(&["tenant", "backup", "acme", "--full"]);
+        taken.push(labels(&s.listing("acme")).last().unwrap().clone());
+    }
+    let listing = s.listing("acme");
+    assert_eq!(labels(&listing), taken[1..], "{listing}");
+    let oldest_kept_wal = listing["backups"][0]["wal_start"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let segments = archived_segments(&s.repository("acme"), "acme");
+    assert!(!segments.is_empty());
+    assert!(
+        segments.iter().all(|seg| *seg >= oldest_kept_wal),
+        "WAL older than the oldest kept backup ({oldest_kept_wal}) is still there: {segments:?}"
+    );
+    // The rest restore: the older kept backup by label, the latest by a restore test.
+    s.ok(&[
+        "tenant", "restore", "acme", "--backup", &taken[1], "--into", "older",
+    ]);
+    assert_eq!(s.sql("older", "SELECT count(*) FROM t"), "3");
+    let out = s.ok(&["tenant", "restore-test", "acme"]);
+    assert!(out.contains("restore test passed: checked "), "{out}");
+    let listing = s.listing("acme");
+    assert_eq!(listing["status"]["restore_test_ok"], true, "{listing}");
+
+    // verify passes, then catches one changed byte in a backup file.
+    s.ok(&["tenant", "verify", "acme"]);
+    let mut files: Vec<PathBuf> = Vec::new();
+    let base = s
+        .repository("acme")
+        .join("backup/acme")
+        .join(&taken[2])
+        .join("pg_data/base");
+    for db in std::fs::read_dir(&base).unwrap().flatten() {
+        for f in std::fs::read_dir(db.path()).unwrap().flatten() {
+            if f.metadata().unwrap().len() > 2048 {
+                files.push(f.path());
+            }
+        }
+    }
+    files.sort();
+    let victim = files.first().expect("a backup file to corrupt").clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&victim, &bytes).unwrap();
+    let err = s.fails(&["tenant", "verify", "acme"]);
+    assert!(err.contains("invalid"), "{err}");
+    bytes[mid] ^= 0xff;
+    std::fs::write(&victim, &bytes).unwrap();
+
+    // A backup killed halfway (SIGKILL to the job's processes) lists nothing new as good, and
+    // the next one succeeds.
+    s.sql(
+        "acme",
+        "CREATE TABLE big AS SELECT g, md5(g::text) || md5((g * 7)::text) AS pad FROM generate_series(1, 600000) g",
+    );
+    let before = labels(&s.listing("acme"));
+    let mut child = std::process::Command::new(crate::support::agent_bin())
+        .args([
+            "-c",
+            s.layout.config.to_str().unwrap(),
+            "tenant",
+            "backup",
+            "acme",
+            "--full",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let job = format!("{}-acme-job", s.env.prefix);
+    crate::support::wait_for("the backup job", Duration::from_secs(30), || {
+        let out = docker(&["top", &job]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("pgbackrest")
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(docker(&["kill", "--signal", "KILL", &job]).status.success());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        labels(&s.listing("acme")),
+        before,
+        "a killed backup must not be listed"
+    );
+    let out = s.ok(&["tenant", "backup", "acme", "--full"]);
+    assert!(out.contains("full backup"), "{out}");
+    assert_eq!(labels(&s.listing("acme")).len(), 2);
+
+    // A repository that cannot be written: the backup fails, is reported and counted; the
+    // tenant keeps serving.
+    let backup_dir = s.repository("acme").join("backup/acme");
+    crate::support::set_mode(&backup_dir, 0o500);
+    let err = s.fails(&["tenant", "backup", "acme", "--full"]);
+    assert!(err.contains("backup job failed"), "{err}");
+    assert_eq!(s.sql("acme", "SELECT count(*) FROM t"), "4");
+    let listing = s.listing("acme");
+    assert!(
+        listing["status"]["failures"].as_u64().unwrap() >= 1,
+        "{listing}"
+    );
+    assert!(listing["status"]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("backup"));
+    crate::support::set_mode(&backup_dir, 0o750);
+    s.ok(&["tenant", "backup", "acme"]);
+}

@@ -497,10 +497,17 @@ async fn metrics(state: &State) -> Result<Resp, ApiError> {
         Some(d) => Some(d.ping().await.is_ok()),
         None => None,
     };
+    let tenants = tenant_ops::views(&state.agent, state.docker.as_ref())
+        .await
+        .unwrap_or_default();
+    let with_backups: Vec<_> = tenants
+        .iter()
+        .filter(|t| t.spec.as_ref().is_some_and(|s| s.backups))
+        .map(|t| t.id.clone())
+        .collect();
     let sample = Sample {
-        tenants: tenant_ops::views(&state.agent, state.docker.as_ref())
-            .await
-            .unwrap_or_default(),
+        backups: crate::backups::status::summaries(&state.agent.paths, &with_backups),
+        tenants,
         haproxy_up: stats.is_some(),
         stats,
         refused,

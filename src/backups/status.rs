@@ -74,3 +74,31 @@ pub fn save(paths: &Paths, id: &TenantId, status: &Status) {
         tracing::warn!(tenant = %id, "cannot record backup status in {}: {e}", path.display());
     }
 }
+
+/// What `/metrics` and `tenant show` say about one tenant's backups.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Summary {
+    pub tenant: String,
+    #[serde(flatten)]
+    pub status: Status,
+    /// When the newest WAL segment reached the repository.
+    pub newest_wal_at: Option<i64>,
+    /// Seconds since then (grows on a server that writes nothing; compare with writes).
+    pub wal_archive_lag_seconds: Option<i64>,
+}
+
+/// The summary of every tenant with backups on.
+pub fn summaries(paths: &Paths, ids: &[TenantId]) -> Vec<Summary> {
+    let now = clock::now();
+    ids.iter()
+        .map(|id| {
+            let wal = super::repo::newest_wal(&paths.tenant_repository(id), id.as_str());
+            Summary {
+                tenant: id.to_string(),
+                status: load(paths, id),
+                newest_wal_at: wal.as_ref().map(|w| w.1),
+                wal_archive_lag_seconds: wal.map(|w| (now - w.1).max(0)),
+            }
+        })
+        .collect()
+}

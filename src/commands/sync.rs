@@ -177,10 +177,17 @@ pub async fn run(agent: &Agent, resync: u64) -> anyhow::Result<ExitCode> {
     }
     // Bound before the first pass, so a taken address fails here; served beside the loop.
     let api = crate::api::start(agent, d.clone(), tx.clone()).await?;
+    // Scheduled backups, verifies and restore tests, one job at a time, beside the loop.
+    let backups = d
+        .clone()
+        .map(|d| tokio::spawn(crate::backups::schedule::run(agent.clone(), d)));
     daemon::run(agent, d.as_ref(), rx, shutdown, timing, |pass| {
         api.on_pass(pass)
     })
     .await;
+    if let Some(task) = backups {
+        task.abort();
+    }
     api.stop().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -151,13 +151,28 @@ async fn delete(agent: &Agent, id: &TenantId, purge: bool) -> anyhow::Result<Exi
             Some(d) => d,
             None => require_docker(agent).await?,
         };
+        let repo = agent.paths.tenant_repository(id);
         if purge {
             let removed = d.remove(id, true).await?;
             match removed.volume {
                 Some(v) => println!("{id}: data volume {v} deleted"),
                 None => println!("{id}: no data volume to delete"),
             }
+            if repo.exists() {
+                std::fs::remove_dir_all(&repo)
+                    .with_context(|| format!("cannot delete {}", repo.display()))?;
+                println!("{id}: backup repository {} deleted", repo.display());
+            }
+            let _ = std::fs::remove_file(agent.paths.tenant_backup_status(id));
         } else {
+            if repo.exists() {
+                println!(
+                    "{id}: backup repository {} kept; `{cli} tenant restore {id} --latest --into NEWID` \
+                     brings the data back as a new tenant, `--purge-data` deletes it",
+                    repo.display(),
+                    cli = agent.cli()
+                );
+            }
             println!(
                 "{id}: data volume {} kept; `{cli} tenant delete {id} --purge-data` deletes it, \
                  `{cli} tenant create {id}` brings the data back",
@@ -286,6 +301,29 @@ async fn show(agent: &Agent, id: &TenantId, json: bool) -> anyhow::Result<ExitCo
     }
     if let Some(spec) = &v.spec {
         println!("spec      {}", serde_json::to_string(spec)?);
+        if spec.backups {
+            let listing = crate::backups::list(agent, id)?;
+            println!(
+                "backups   {} in {}{}",
+                listing.backups.len(),
+                listing.repository,
+                listing
+                    .window
+                    .map(|w| format!(
+                        ", restore window {} to {}",
+                        crate::backups::clock::format_utc(w.from),
+                        crate::backups::clock::format_utc(w.to)
+                    ))
+                    .unwrap_or_default()
+            );
+            let summary = crate::backups::status::summaries(&agent.paths, std::slice::from_ref(id));
+            if let Some(lag) = summary.first().and_then(|s| s.wal_archive_lag_seconds) {
+                println!("wal archived {lag}s ago");
+            }
+            backups::print_status(&crate::backups::status::load(&agent.paths, id));
+        } else {
+            println!("backups   off");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
