@@ -45,6 +45,9 @@ pub enum BackupError {
     Driver(#[from] crate::instances::DriverError),
     #[error(transparent)]
     Tenants(#[from] tenants::LoadError),
+    /// The restore target does not fit the repository (outside the window, no such backup).
+    #[error("{0}")]
+    Invalid(String),
     #[error("{0}")]
     Other(String),
 }

@@ -63,7 +63,7 @@ pub fn target_args(
     match target {
         Target::Time(ms) => {
             if *ms < window.from * 1000 || *ms > (window.to + 1) * 1000 {
-                return Err(BackupError::Other(format!(
+                return Err(BackupError::Invalid(format!(
                     "{id}: {} is outside the restore window, {}; pick a time inside it \
                      (`tenant backups {id}` shows it)",
                     clock::format_utc_ms(*ms),
@@ -79,7 +79,7 @@ pub fn target_args(
         Target::Backup(label) => {
             let Some(b) = backups.iter().find(|b| &b.label == label) else {
                 let labels: Vec<&str> = backups.iter().map(|b| b.label.as_str()).collect();
-                return Err(BackupError::Other(format!(
+                return Err(BackupError::Invalid(format!(
                     "{id}: no backup {label:?}; the repository has: {}",
                     if labels.is_empty() {
                         "none".to_owned()
@@ -90,7 +90,7 @@ pub fn target_args(
             };
             if !b.online {
                 // PostgreSQL 15 ends recovery of an offline backup before an `immediate` target.
-                return Err(BackupError::Other(format!(
+                return Err(BackupError::Invalid(format!(
                     "{id}: backup {label} was taken while the server was stopped; restore it with \
                      --to \"{}\" (its end) instead",
                     clock::format_utc(b.stop)
@@ -173,7 +173,7 @@ pub async fn restore(
     }
     let listing = super::list(agent, id)?;
     let Some(window) = listing.window else {
-        return Err(BackupError::Other(format!(
+        return Err(BackupError::Invalid(format!(
             "{id} has no backup yet; `tenant backup {id}` takes one"
         )));
     };
