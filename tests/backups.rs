@@ -335,3 +335,56 @@ fn retention_verify_and_failures() {
     crate::support::set_mode(&backup_dir, 0o750);
     s.ok(&["tenant", "backup", "acme"]);
 }
+
+#[test]
+fn the_daemon_backs_up_on_schedule_a_stopped_tenant_too() {
+    let Some(s) = setup() else { return };
+    s.layout.edit_settings(|t| {
+        t.replace("incr_every = \"1d\"", "incr_every = \"6s\"")
+            .replace("verify_every = \"1d\"", "verify_every = \"10s\"")
+            .replace(
+                "restore_test_every = \"7d\"",
+                "restore_test_every = \"15s\"",
+            )
+    });
+    s.ok(&["tenant", "create", "acme", "--enable"]);
+    s.ok(&["tenant", "create", "globex"]);
+    s.ok(&["tenant", "stop", "globex"]);
+    let _daemon = crate::support::agent::AgentProcess::start(
+        &s.layout.config,
+        600,
+        &s.layout.dir.path().join("agent.log"),
+    );
+    crate::support::wait_for(
+        "scheduled backups, verify and restore test",
+        Duration::from_secs(150),
+        || {
+            let acme = s.listing("acme");
+            let globex = s.listing("globex");
+            let kinds: Vec<&str> = acme["backups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["type"].as_str().unwrap())
+                .collect();
+            let done = kinds.contains(&"full")
+                && kinds.contains(&"incr")
+                && acme["status"]["verify_ok"] == true
+                && acme["status"]["restore_test_ok"] == true
+                && globex["backups"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|b| b["online"] == false);
+            done.then_some(())
+        },
+    );
+    // The stopped tenant stayed stopped.
+    let out = docker(&[
+        "inspect",
+        "-f",
+        "{{.State.Running}}",
+        &format!("{}-globex", s.env.prefix),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "false");
+}

@@ -223,7 +223,14 @@ async fn backup_inner(
                 repo_dir.display()
             ))
         })?;
-    tracing::info!(tenant = %id, "{} backup {} done ({} online) in {:.1}s", newest.kind, newest.label, if online { "" } else { "not" }, started.elapsed().as_secs_f64());
+    tracing::info!(
+        tenant = %id,
+        "{} backup {} done ({}) in {:.1}s",
+        newest.kind,
+        newest.label,
+        if online { "online" } else { "offline: the server is stopped" },
+        started.elapsed().as_secs_f64()
+    );
     Ok(Outcome {
         tenant: id.clone(),
         backup: newest,

@@ -108,7 +108,7 @@ pub fn target_args(
 
 /// Closes the live server's current WAL segment and waits until it is archived, so the
 /// repository holds every commit so far. Best effort: a failure is returned for a warning.
-async fn switch_wal(
+pub async fn switch_wal(
     driver: &DockerDriver,
     id: &TenantId,
     image: String,

@@ -11,11 +11,13 @@ use crate::instances::InstanceDriver;
 use crate::settings::Agent;
 use crate::tenants::{self, TenantId};
 
-/// How often the loop looks for due work.
+/// How often the loop looks for due work, at most (shorter intervals in the settings make it
+/// look more often).
 pub const TICK: Duration = Duration::from_secs(20);
 /// After a failed backup, wait this long before trying again.
 const RETRY_AFTER: i64 = 300;
-/// A tenant never backed up gets its first backup within this many seconds of being seen.
+/// A tenant never backed up gets its first backup within this many seconds of being seen (or
+/// half its incremental interval, when shorter).
 const FIRST_WITHIN: u64 = 120;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,19 +63,16 @@ pub fn due(
     let last_any = backups.iter().map(|b| b.stop).max();
     match (last_full, last_any) {
         (None, _) => {
-            if !failed_recently && now >= first_seen + offset(id, FIRST_WITHIN) {
+            let within = FIRST_WITHIN.min(policy.incr_every / 2).max(1);
+            if !failed_recently && now >= first_seen + offset(id, within) {
                 return Some(Action::Full);
             }
         }
-        (Some(full), Some(any)) => {
+        (Some(full), Some(_)) => {
             if !failed_recently
                 && now >= full + policy.full_every as i64 + spread(policy.full_every)
             {
                 return Some(Action::Full);
-            }
-            if !failed_recently && now >= any + policy.incr_every as i64 + spread(policy.incr_every)
-            {
-                return Some(Action::Incr);
             }
         }
         (Some(_), None) => {}
@@ -93,6 +92,12 @@ pub fn due(
     {
         return Some(Action::RestoreTest);
     }
+    // Incrementals come last: they are the frequent kind and must not starve the checks.
+    if let (Some(any), false) = (last_any, failed_recently) {
+        if now >= any + policy.incr_every as i64 + spread(policy.incr_every) {
+            return Some(Action::Incr);
+        }
+    }
     None
 }
 
@@ -101,9 +106,21 @@ pub fn due(
 /// until the task is dropped.
 pub async fn run(agent: Agent, driver: DockerDriver) {
     let mut first_seen: std::collections::HashMap<TenantId, i64> = Default::default();
+    let b = &agent.settings.backups;
+    let shortest = [
+        &b.full_every,
+        &b.incr_every,
+        &b.verify_every,
+        &b.restore_test_every,
+    ]
+    .iter()
+    .filter_map(|s| crate::settings::parse_interval(s).ok())
+    .min()
+    .unwrap_or(86_400);
+    let every = TICK.min(Duration::from_secs((shortest / 4).max(1)));
     loop {
         tick(&agent, &driver, &mut first_seen).await;
-        tokio::time::sleep(TICK).await;
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -206,8 +223,17 @@ mod tests {
             ..Status::default()
         };
         assert_eq!(due(&id, &p, &b, &ok, t0, t0 + 60), None);
+        // A day on, verify comes first; once it ran, the incremental.
         assert_eq!(
             due(&id, &p, &b, &ok, t0, t0 + 86_400 + 8_640),
+            Some(Action::Verify)
+        );
+        let verified = Status {
+            verified_at: Some(t0 + 86_400),
+            ..ok.clone()
+        };
+        assert_eq!(
+            due(&id, &p, &b, &verified, t0, t0 + 86_400 + 8_640),
             Some(Action::Incr)
         );
         assert_eq!(
@@ -223,7 +249,7 @@ mod tests {
         // A recent failure holds the retry back.
         let failed = Status {
             last_failure: Some(t0 + 86_400 + 8_600),
-            ..ok.clone()
+            ..verified.clone()
         };
         assert_ne!(
             due(&id, &p, &b, &failed, t0, t0 + 86_400 + 8_640),

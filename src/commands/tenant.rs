@@ -204,8 +204,26 @@ async fn set_stopped(agent: &Agent, id: &TenantId, stopped: bool) -> anyhow::Res
                 agent.paths.tenants_file.display()
             )
         })?;
-        if !matches!(t.instance, Instance::Managed(_)) {
+        let Instance::Managed(spec) = &t.instance else {
             bail!("{id} is an external tenant: pgs does not run its server");
+        };
+        // A clean stop leaves the last partial WAL segment unarchived: close and archive it
+        // first, so the repository holds every commit made before the stop.
+        if stopped && spec.backups && !t.stopped {
+            let running = crate::backups::server_state(&docker, id)
+                .await
+                .ok()
+                .flatten()
+                == Some(crate::instances::RunState::Running);
+            let has_stanza =
+                crate::backups::repo::has_stanza(&agent.paths.tenant_repository(id), id.as_str());
+            if running && has_stanza {
+                if let Err(e) =
+                    crate::backups::restore::switch_wal(&docker, id, docker.image_for(spec)).await
+                {
+                    eprintln!("warning: {id}: the last WAL before the stop was not archived: {e}");
+                }
+            }
         }
         let entry = edit.tenant_mut(id).expect("tenant exists");
         if stopped {
