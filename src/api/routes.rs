@@ -723,6 +723,8 @@ mod tests {
             Route::Tenants,
             Route::Tenant("a"),
             Route::TenantAccess("a"),
+            Route::TenantBackups("a"),
+            Route::TenantRestore("a"),
         ]
         .iter()
         .map(|r| allowed(r).len())
