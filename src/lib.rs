@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - `access`    — access flips (file, map file, Runtime API) and their status.
+//! - `backups`   — pgBackRest per tenant: backups, restores, verify, restore tests, schedule.
 //! - `cli`       — clap definitions only.
 //! - `commands`  — what each CLI command does, in terms of the modules below.
 //! - `daemon`    — `run`: pokes, periodic resync, coalescing, systemd notify.

@@ -165,7 +165,11 @@ pub async fn restore(
             )));
         }
     }
-    let running = super::server_state(driver, id).await? == Some(RunState::Running);
+    // A tenant whose volume is lost (the case restores are for) counts as not running.
+    let running = matches!(
+        super::server_state(driver, id).await,
+        Ok(Some(RunState::Running))
+    );
     if running && !dry_run {
         if let Err(e) = switch_wal(driver, id, image.clone()).await {
             tracing::warn!(tenant = %id, "could not archive the current WAL segment before the restore: {e}");
