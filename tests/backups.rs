@@ -26,12 +26,14 @@ fn setup() -> Option<Setup> {
     let layout = Layout::init();
     layout.use_docker_prefix(&env.prefix);
     let img = image();
-    layout.edit_settings(|s| {
-        s.replace(
-            "default_image = \"pgs/postgres:15\"",
-            &format!("default_image = \"{img}\""),
-        )
-    });
+    if img != crate::support::docker::IMAGE {
+        layout.edit_settings(|s| {
+            s.replace(
+                "default_image = \"pgs/postgres:15\"",
+                &format!("default_image = \"{img}\""),
+            )
+        });
+    }
     layout.render();
     let haproxy = layout.start_haproxy();
     Some(Setup {

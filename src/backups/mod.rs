@@ -188,7 +188,10 @@ async fn backup_inner(
         "incr"
     };
     let mut args = vec![format!("--type={kind}")];
-    if !online {
+    if online {
+        // An immediate checkpoint: a spread one makes a backup wait minutes before it starts.
+        args.push("--start-fast".into());
+    } else {
         args.push("--no-online".into());
     }
     args.extend(policy.retention.args());

@@ -293,7 +293,18 @@ async fn show(agent: &Agent, id: &TenantId, json: bool) -> anyhow::Result<ExitCo
             )
         })?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        let mut out = serde_json::to_value(&v)?;
+        if v.spec.as_ref().is_some_and(|s| s.backups) {
+            let listing = crate::backups::list(agent, id)?;
+            let summary = crate::backups::status::summaries(&agent.paths, std::slice::from_ref(id));
+            out["backups"] = json!({
+                "count": listing.backups.len(),
+                "window": listing.window,
+                "repository": listing.repository,
+                "summary": summary.first(),
+            });
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!("tenant    {}", v.id);
