@@ -80,25 +80,32 @@ pub fn due(
     if backups.is_empty() {
         return None;
     }
-    // Verify and restore tests count from the first backup when they never ran.
+    // Of the rest, the one that has been due longest, so no kind starves another. Verify and
+    // restore tests count from the first backup when they never ran.
     let since = |at: Option<i64>| at.or(backups.first().map(|b| b.stop)).unwrap_or(now);
-    if now >= since(status.verified_at) + policy.verify_every as i64 + spread(policy.verify_every) {
-        return Some(Action::Verify);
-    }
-    if now
-        >= since(status.restore_test_at)
-            + policy.restore_test_every as i64
-            + spread(policy.restore_test_every)
-    {
-        return Some(Action::RestoreTest);
-    }
-    // Incrementals come last: they are the frequent kind and must not starve the checks.
+    let mut candidates = vec![
+        (
+            since(status.verified_at) + policy.verify_every as i64 + spread(policy.verify_every),
+            Action::Verify,
+        ),
+        (
+            since(status.restore_test_at)
+                + policy.restore_test_every as i64
+                + spread(policy.restore_test_every),
+            Action::RestoreTest,
+        ),
+    ];
     if let (Some(any), false) = (last_any, failed_recently) {
-        if now >= any + policy.incr_every as i64 + spread(policy.incr_every) {
-            return Some(Action::Incr);
-        }
+        candidates.push((
+            any + policy.incr_every as i64 + spread(policy.incr_every),
+            Action::Incr,
+        ));
     }
-    None
+    candidates
+        .into_iter()
+        .filter(|(at, _)| *at <= now)
+        .min_by_key(|(at, _)| *at)
+        .map(|(_, action)| action)
 }
 
 /// The daemon's backup loop: every `TICK`, for each managed tenant with backups on and a data
@@ -245,6 +252,21 @@ mod tests {
         assert_eq!(
             due(&id, &p, &b2, &ok, t0, t0 + 86_400 + 8_640),
             Some(Action::Verify)
+        );
+        // Frequent checks do not starve incrementals: the one due longest goes first.
+        let busy = Policy {
+            incr_every: 60,
+            verify_every: 10,
+            ..p.clone()
+        };
+        let just_checked = Status {
+            verified_at: Some(t0 + 500),
+            restore_test_at: Some(t0 + 500),
+            ..Status::default()
+        };
+        assert_eq!(
+            due(&id, &busy, &b, &just_checked, t0, t0 + 520),
+            Some(Action::Incr)
         );
         // A recent failure holds the retry back.
         let failed = Status {
