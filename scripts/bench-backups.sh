@@ -28,7 +28,7 @@ docker run --rm --network none --entrypoint pgbackrest "$image" version >/dev/nu
     || die "image $image has no pgBackRest (docker/build-image.sh 15 builds one that has)"
 machine=$(bench_machine_md)
 # The timed work is pgBackRest's and PostgreSQL's; say so when the agent is a debug build.
-case "$BENCH_AGENT" in */debug/*) machine=${machine/release build/debug build} ;; esac
+case "$BENCH_AGENT" in *debug*) machine=${machine/release build/debug build} ;; esac
 bench_layout backups
 bench_start_haproxy
 A=("$BENCH_AGENT" -c "$BENCH_CFG")

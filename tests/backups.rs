@@ -146,7 +146,17 @@ fn point_in_time_restore_into_a_copy_and_in_place() {
 
     // In place: the tenant answers with A only through HAProxy; the previous volume is kept.
     let before = format!("{}-acme-data", s.env.prefix);
+    // A client connected during the restore keeps working until the swap, which ends it.
+    let mut session = crate::support::Session::open(
+        &s.layout.conninfo("acme", "dbname=acme"),
+        &s.password("acme"),
+    );
     let out = s.ok(&["tenant", "restore", "acme", "--to", &t]);
+    assert_eq!(
+        session.query("select 1"),
+        None,
+        "the session outlived the swap"
+    );
     assert!(
         out.contains(&format!("the previous volume {before} is kept")),
         "{out}"

@@ -20,6 +20,11 @@ const RETRY_AFTER: i64 = 300;
 /// half its incremental interval, when shorter).
 const FIRST_WITHIN: u64 = 120;
 
+/// How long after first seeing a tenant the loop starts working on it.
+fn grace(policy: &Policy) -> i64 {
+    (FIRST_WITHIN / 2).min(policy.incr_every / 2) as i64
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Full,
@@ -64,7 +69,7 @@ pub fn due(
     match (last_full, last_any) {
         (None, _) => {
             let within = FIRST_WITHIN.min(policy.incr_every / 2).max(1);
-            if !failed_recently && now >= first_seen + offset(id, within) {
+            if !failed_recently && now >= first_seen + grace(policy) + offset(id, within) {
                 return Some(Action::Full);
             }
         }
@@ -155,6 +160,12 @@ async fn tick(
             continue;
         }
         let seen = *first_seen.entry(t.id.clone()).or_insert(now);
+        // Leave a tenant alone for a moment after the loop first sees it (a daemon that just
+        // started, a tenant just created): its first start and the reconciler's repairs come
+        // first.
+        if now < seen + grace(&policy) {
+            continue;
+        }
         let dir = agent.paths.tenant_repository(&t.id);
         if !repo::has_stanza(&dir, t.id.as_str()) {
             match super::ensure_stanza(agent, driver, &t.id).await {
@@ -218,9 +229,10 @@ mod tests {
         let p = policy();
         let st = Status::default();
         let t0 = 1_000_000;
-        // Never backed up: a full backup within FIRST_WITHIN of being seen.
+        // Never backed up: a full backup within the grace period and FIRST_WITHIN of being seen.
+        assert_eq!(due(&id, &p, &[], &st, t0, t0 + 30), None);
         assert_eq!(
-            due(&id, &p, &[], &st, t0, t0 + FIRST_WITHIN as i64),
+            due(&id, &p, &[], &st, t0, t0 + grace(&p) + FIRST_WITHIN as i64),
             Some(Action::Full)
         );
         let b = [full(t0, "full")];
