@@ -179,6 +179,23 @@ fn point_in_time_restore_into_a_copy_and_in_place() {
     s.ok(&["tenant", "start", "copy"]);
     assert_eq!(s.sql("copy", "SELECT count(*) FROM t"), "1");
 
+    // Deleting a tenant keeps its repository and says so; --purge-data removes it.
+    let out = s.ok(&["tenant", "delete", "copy"]);
+    assert!(
+        out.contains("backup repository") && out.contains("kept"),
+        "{out}"
+    );
+    assert!(s
+        .repository("copy")
+        .join("backup/copy/backup.info")
+        .is_file());
+    let out = s.ok(&["tenant", "delete", "copy", "--purge-data"]);
+    assert!(
+        out.contains("backup repository") && out.contains("deleted"),
+        "{out}"
+    );
+    assert!(!s.repository("copy").exists());
+
     // Purging old volumes leaves the one in use.
     s.ok(&["tenant", "volumes", "acme", "--purge-old"]);
     assert!(!volume_exists(&before));

@@ -780,22 +780,22 @@ impl InstanceDriver for DockerDriver {
             )
         })?;
         let init_scripts = self.resolve_init_scripts(id, spec)?;
-        let archive = if spec.backups {
-            let repository = self.prepare_repository(id).map_err(|e| {
-                failed(
-                    id,
-                    format!(
-                        "cannot prepare the backup repository {}: {e}",
-                        self.paths.tenant_repository(id).display()
-                    ),
-                )
-            })?;
-            Some(Archive {
+        // A repository that cannot be prepared costs the tenant its archiving, not its server.
+        let archive = match spec.backups.then(|| self.prepare_repository(id)) {
+            Some(Ok(repository)) => Some(Archive {
                 repository,
                 timeout_secs: self.backups.archive_timeout_secs,
-            })
-        } else {
-            None
+            }),
+            Some(Err(e)) => {
+                tracing::warn!(
+                    tenant = %id,
+                    "cannot prepare the backup repository {}: {e}; the server runs without WAL \
+                     archiving until it can",
+                    self.paths.tenant_repository(id).display()
+                );
+                None
+            }
+            None => None,
         };
         let blueprint = Blueprint {
             volume: self.volume_name(id),
