@@ -363,6 +363,39 @@ fn retention_verify_and_failures() {
         .contains("backup"));
     crate::support::set_mode(&backup_dir, 0o750);
     s.ok(&["tenant", "backup", "acme"]);
+
+    // The same for WAL archiving: a failed push is noted, reported and counted; the server
+    // keeps answering, and archiving resumes once the repository can be written again.
+    let archive = s.repository("acme").join("archive/acme/15-1");
+    let mut dirs = vec![archive.clone()];
+    for d in std::fs::read_dir(&archive).unwrap().flatten() {
+        if d.path().is_dir() {
+            dirs.push(d.path());
+        }
+    }
+    for d in &dirs {
+        crate::support::set_mode(d, 0o500);
+    }
+    s.sql("acme", "INSERT INTO t VALUES ('y')");
+    s.sql("acme", "SELECT pg_switch_wal()");
+    let failures = crate::support::wait_for("a failed WAL push", Duration::from_secs(60), || {
+        let l = s.listing("acme");
+        let n = l["archive"]["failures"].as_u64().unwrap_or(0);
+        (n > 0).then_some(l)
+    });
+    assert!(
+        failures["archive"]["last_failure"]["segment"]
+            .as_str()
+            .is_some(),
+        "{failures}"
+    );
+    let show = s.ok(&["tenant", "show", "acme"]);
+    assert!(show.contains("WAL archiving FAILED"), "{show}");
+    assert_eq!(s.sql("acme", "SELECT count(*) FROM t"), "5");
+    for d in &dirs {
+        crate::support::set_mode(d, 0o750);
+    }
+    s.ok(&["tenant", "backup", "acme"]);
 }
 
 #[test]

@@ -325,6 +325,7 @@ pub fn render(agent: &AgentMetrics, sample: &Sample) -> Result<String, std::fmt:
         let tested: Family<Labels, Gauge> = Family::default();
         let test_ok: Family<Labels, Gauge> = Family::default();
         let verify_ok: Family<Labels, Gauge> = Family::default();
+        let archive_failures: Family<Labels, Counter> = Family::default();
         for b in &sample.backups {
             let l = labels(&[("tenant", b.tenant.as_str())]);
             last.get_or_create(&l)
@@ -344,6 +345,9 @@ pub fn render(agent: &AgentMetrics, sample: &Sample) -> Result<String, std::fmt:
             if let Some(ok) = b.status.verify_ok {
                 verify_ok.get_or_create(&l).set(ok as i64);
             }
+            archive_failures
+                .get_or_create(&l)
+                .inc_by(b.archive_failures);
         }
         r.register_with_unit(
             "backup_last_success_timestamp",
@@ -378,6 +382,11 @@ pub fn render(agent: &AgentMetrics, sample: &Sample) -> Result<String, std::fmt:
             "backup_restore_test_ok",
             "1 when the tenant's last restore test (restore, amcheck, pg_dumpall) passed",
             test_ok,
+        );
+        r.register(
+            "backup_archive_failures",
+            "Failed WAL pushes into the tenant's repository noted by its server (since its socket directory was made)",
+            archive_failures,
         );
         r.register(
             "backup_verify_ok",
@@ -476,6 +485,8 @@ mod tests {
                 },
                 newest_wal_at: Some(1_796_499_280),
                 wal_archive_lag_seconds: Some(42),
+                archive_failures: 3,
+                last_archive_failure: None,
             }],
         };
         let text = render(&agent, &sample).unwrap();
@@ -487,6 +498,7 @@ mod tests {
             "pgs_backup_restore_test_timestamp_seconds{tenant=\"acme\"} 1796499300",
             "pgs_backup_restore_test_ok{tenant=\"acme\"} 1",
             "pgs_backup_verify_ok{tenant=\"acme\"} 0",
+            "pgs_backup_archive_failures_total{tenant=\"acme\"} 3",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

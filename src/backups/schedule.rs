@@ -118,6 +118,7 @@ pub fn due(
 /// until the task is dropped.
 pub async fn run(agent: Agent, driver: DockerDriver) {
     let mut first_seen: std::collections::HashMap<TenantId, i64> = Default::default();
+    let mut archive_failures = Default::default();
     let b = &agent.settings.backups;
     let shortest = [
         &b.full_every,
@@ -131,7 +132,7 @@ pub async fn run(agent: Agent, driver: DockerDriver) {
     .unwrap_or(86_400);
     let every = TICK.min(Duration::from_secs((shortest / 4).max(1)));
     loop {
-        tick(&agent, &driver, &mut first_seen).await;
+        tick(&agent, &driver, &mut first_seen, &mut archive_failures).await;
         tokio::time::sleep(every).await;
     }
 }
@@ -140,6 +141,7 @@ async fn tick(
     agent: &Agent,
     driver: &DockerDriver,
     first_seen: &mut std::collections::HashMap<TenantId, i64>,
+    archive_failures: &mut std::collections::HashMap<TenantId, u64>,
 ) {
     let Ok(all) = tenants::load(&agent.paths.tenants_file) else {
         return;
@@ -160,6 +162,19 @@ async fn tick(
             continue;
         }
         let seen = *first_seen.entry(t.id.clone()).or_insert(now);
+        let (failed, last) = super::status::archive_failures(&agent.paths, &t.id);
+        let known = archive_failures.insert(t.id.clone(), failed).unwrap_or(0);
+        if let (true, Some(last)) = (failed > known, last) {
+            tracing::warn!(
+                tenant = %t.id,
+                "WAL archiving failed {} more time(s) ({failed} in all), last for {} at {}; \
+                 `docker logs {}` has pgBackRest's message",
+                failed - known,
+                last.segment,
+                super::clock::format_utc(last.at),
+                driver.container_name(&t.id)
+            );
+        }
         // Leave a tenant alone for a moment after the loop first sees it (a daemon that just
         // started, a tenant just created): its first start and the reconciler's repairs come
         // first.

@@ -85,6 +85,39 @@ pub struct Summary {
     pub newest_wal_at: Option<i64>,
     /// Seconds since then (grows on a server that writes nothing; compare with writes).
     pub wal_archive_lag_seconds: Option<i64>,
+    /// Failed WAL pushes the tenant's server noted, and the last one.
+    pub archive_failures: u64,
+    pub last_archive_failure: Option<ArchiveFailure>,
+}
+
+/// One failed WAL push.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ArchiveFailure {
+    pub at: i64,
+    pub segment: String,
+}
+
+/// The failed WAL pushes a tenant's server noted in its socket directory: how many, the last.
+pub fn archive_failures(paths: &Paths, id: &TenantId) -> (u64, Option<ArchiveFailure>) {
+    let file = paths
+        .tenant_socket_dir(id)
+        .join(crate::instances::docker::ARCHIVE_FAILURES);
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return (0, None);
+    };
+    let mut count = 0;
+    let mut last = None;
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        if let (Some(at), Some(segment)) = (f.next().and_then(|t| t.parse().ok()), f.next()) {
+            count += 1;
+            last = Some(ArchiveFailure {
+                at,
+                segment: segment.to_owned(),
+            });
+        }
+    }
+    (count, last)
 }
 
 /// The summary of every tenant with backups on.
@@ -93,11 +126,14 @@ pub fn summaries(paths: &Paths, ids: &[TenantId]) -> Vec<Summary> {
     ids.iter()
         .map(|id| {
             let wal = super::repo::newest_wal(&paths.tenant_repository(id), id.as_str());
+            let (archive_failures, last_archive_failure) = archive_failures(paths, id);
             Summary {
                 tenant: id.to_string(),
                 status: load(paths, id),
                 newest_wal_at: wal.as_ref().map(|w| w.1),
                 wal_archive_lag_seconds: wal.map(|w| (now - w.1).max(0)),
+                archive_failures,
+                last_archive_failure,
             }
         })
         .collect()

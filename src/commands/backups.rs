@@ -58,9 +58,11 @@ pub async fn backup(
 pub async fn list(agent: &Agent, id: &TenantId, json: bool) -> anyhow::Result<ExitCode> {
     let listing = backups::list(agent, id)?;
     let st = status::load(&agent.paths, id);
+    let (failures, last) = status::archive_failures(&agent.paths, id);
     if json {
         let mut v = serde_json::to_value(&listing)?;
         v["status"] = serde_json::to_value(&st)?;
+        v["archive"] = serde_json::json!({"failures": failures, "last_failure": last});
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -101,7 +103,20 @@ pub async fn list(agent: &Agent, id: &TenantId, json: bool) -> anyhow::Result<Ex
         None => println!("restore window: none"),
     }
     print_status(&st);
+    print_archive_failures(failures, last.as_ref());
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line when the server failed to push WAL into the repository.
+pub fn print_archive_failures(failures: u64, last: Option<&status::ArchiveFailure>) {
+    if let Some(last) = last {
+        println!(
+            "WAL archiving FAILED {failures} time(s), last for {} at {} (`docker logs` of the \
+             tenant's container has pgBackRest's message)",
+            last.segment,
+            clock::format_utc(last.at)
+        );
+    }
 }
 
 /// The recorded results, one line each (also used by `tenant show`).

@@ -350,6 +350,12 @@ async fn show(agent: &Agent, id: &TenantId, json: bool) -> anyhow::Result<ExitCo
                 println!("wal archived {lag}s ago");
             }
             backups::print_status(&crate::backups::status::load(&agent.paths, id));
+            if let Some(s) = summary.first() {
+                backups::print_archive_failures(
+                    s.archive_failures,
+                    s.last_archive_failure.as_ref(),
+                );
+            }
         } else {
             println!("backups   off");
         }

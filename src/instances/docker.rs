@@ -1221,10 +1221,18 @@ pub fn pgbackrest_env(id: &TenantId) -> Vec<String> {
     ]
 }
 
+/// Written by the `archive_command` in the tenant's socket directory (on the host, and writable
+/// even when the repository is not): one line `<unix time> <segment>` per failed push.
+pub const ARCHIVE_FAILURES: &str = "pgs-archive-failures";
+
 /// The `archive_command`: push each WAL segment into the repository once its stanza exists
-/// (segments from before the first backup can restore nothing, so they are not kept).
+/// (segments from before the first backup can restore nothing, so they are not kept); a failed
+/// push is noted in the socket directory for the agent to report and count.
 pub fn archive_command() -> String {
-    format!("[ ! -e {REPO_DIR}/archive/\"$PGBACKREST_STANZA\"/archive.info ] || pgbackrest archive-push %p")
+    format!(
+        "[ ! -e {REPO_DIR}/archive/\"$PGBACKREST_STANZA\"/archive.info ] || pgbackrest archive-push %p \
+         || {{ echo \"$(date +%s) %f\" >> {SOCKET_DIR}/{ARCHIVE_FAILURES}; exit 1; }}"
+    )
 }
 
 fn bind(source: &Path, target: &str, read_only: bool) -> Mount {
