@@ -57,8 +57,9 @@ done
 docker info >/dev/null 2>&1 || die "docker engine not answering; run scripts/start-dockerd.sh first"
 
 # ---- inputs / up-to-date check ------------------------------------------------
-# Packages in the image: postgres + what the entrypoint uses.
-PACKAGES=(postgresql-"$VERSION" bash dash coreutils grep sed findutils gzip mawk libc-bin tzdata netbase)
+# Packages in the image: postgres + what the entrypoint uses + pgBackRest (continuous
+# archiving and backups run inside the tenant's image, beside the server they read).
+PACKAGES=(postgresql-"$VERSION" bash dash coreutils grep sed findutils gzip mawk libc-bin tzdata netbase pgbackrest)
 # Pulled in by dependencies but useless without maintainer scripts / in this
 # image: perl & postgresql-common wrappers, debconf, locales (C.UTF-8 comes
 # from libc-bin), dpkg, PAM modules, ssl-cert ... (an ELF check below proves
@@ -209,6 +210,8 @@ if [ "$WITH_JIT" != 1 ]; then
     rm -rf "$PGLIB"/llvmjit* "$PGLIB/bitcode"
 fi
 [ -x "$ROOT/usr/lib/postgresql/$VERSION/bin/postgres" ] || die "postgres binary missing in rootfs"
+[ -x "$ROOT/usr/bin/pgbackrest" ] || die "pgbackrest binary missing in rootfs"
+[ -f "$PGLIB/amcheck.so" ] || die "amcheck (postgresql-$VERSION contrib) missing in rootfs"
 
 # Every ELF object postgres may load must resolve inside the rootfs.
 missing=$(
@@ -224,7 +227,8 @@ missing=$(
 )
 [ -z "$missing" ] || die "unresolved shared libraries in rootfs:"$'\n'"$missing"
 pgver=$(chroot "$ROOT" "/usr/lib/postgresql/$VERSION/bin/postgres" --version)
-step "rootfs ready: $pgver, $(du -sh "$ROOT" | cut -f1)"
+brver=$(chroot "$ROOT" /usr/bin/pgbackrest version)
+step "rootfs ready: $pgver, $brver, $(du -sh "$ROOT" | cut -f1)"
 
 # ---- import + metadata ------------------------------------------------------------
 step "docker import -> $BASE"
@@ -236,6 +240,7 @@ mkdir -p "$CTX"
 cp "$HERE/Dockerfile" "$CTX/Dockerfile"
 DOCKER_BUILDKIT=0 docker build -q -t "$IMAGE" \
     --build-arg PG_MAJOR="$VERSION" \
+    --build-arg BASE="$BASE" \
     --label org.pgs.inputs="$INPUTS" \
     --label org.pgs.postgres-package="postgresql-$VERSION=$cand" \
     --label org.pgs.jit="$WITH_JIT" \

@@ -5,7 +5,8 @@
 #
 # Builds the agent once (cargo build --release), then runs scripts/bench-flip.sh,
 # scripts/bench-create.sh, scripts/bench-sync.sh, scripts/bench-datapath.sh,
-# scripts/bench-tune.sh, scripts/bench-tls.sh and scripts/bench-faults.sh with that binary.
+# scripts/bench-tune.sh, scripts/bench-tls.sh, scripts/bench-faults.sh and scripts/bench-backups.sh
+# with that binary.
 # BENCHMARKS.md is replaced only when all of them succeed; otherwise it is left as it was and the
 # sections that did finish are kept in a temp file whose path is printed. Each script cleans up
 # after itself (HAProxy, PostgreSQL, containers and volumes with its own docker prefix, temp
@@ -15,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
-benches=(flip create sync datapath tune tls faults)
+benches=(flip create sync datapath tune tls faults backups)
 
 for i in 1 2 3 4 5 6; do  # src/ may be mid-edit by someone else: wait and retry
     cargo build --release --quiet && break

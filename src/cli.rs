@@ -232,6 +232,75 @@ pub enum TenantCommand {
         #[arg(long)]
         rotate: bool,
     },
+    /// Back the tenant up now (pgBackRest): incremental, or full with --full or when it has
+    /// none yet. Works on a stopped tenant too (an offline backup).
+    Backup {
+        /// Tenant id.
+        id: TenantId,
+        /// A full backup instead of an incremental one.
+        #[arg(long)]
+        full: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the tenant's backups (label, type, start and stop, size) and the window of times a
+    /// restore can reach, plus its last verify and restore test.
+    Backups {
+        /// Tenant id.
+        id: TenantId,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore the tenant's data as it was at a time, at a backup, or as late as the
+    /// repository reaches. The data goes into a NEW volume; then the tenant is stopped (new
+    /// connections are refused, open sessions end), moved onto it and started again, and the
+    /// previous volume is kept (`tenant volumes ID --purge-old` removes it). With --into, a new
+    /// tenant is made from the copy instead and the original is not touched.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["to", "backup", "latest"])))]
+    Restore {
+        /// Tenant id.
+        id: TenantId,
+        /// A time inside the restore window, e.g. "2026-12-05 14:02:00+00" (no zone: UTC).
+        #[arg(long, value_name = "TIME")]
+        to: Option<String>,
+        /// A backup label from `tenant backups ID`.
+        #[arg(long, value_name = "LABEL")]
+        backup: Option<String>,
+        /// Everything the repository holds.
+        #[arg(long)]
+        latest: bool,
+        /// Make a new tenant NEWID from the copy (its own repository and archiving).
+        #[arg(long, value_name = "NEWID")]
+        into: Option<TenantId>,
+        /// Check the target against the repository and say what would happen; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every file of the tenant's backup repository against its checksum
+    /// (`pgbackrest verify`).
+    Verify {
+        /// Tenant id.
+        id: TenantId,
+    },
+    /// Prove the latest backup restores: into a scratch volume, no network, amcheck on every
+    /// btree index, pg_dumpall; then thrown away. The result is recorded.
+    RestoreTest {
+        /// Tenant id.
+        id: TenantId,
+    },
+    /// The tenant's data volumes: the one it uses and those restores left behind.
+    Volumes {
+        /// Tenant id.
+        id: TenantId,
+        /// Remove every volume but the one in use. This cannot be undone.
+        #[arg(long)]
+        purge_old: bool,
+    },
 }
 
 /// How `tenant credentials` prints a tenant's connection details.

@@ -4,6 +4,7 @@
 //! # Layout
 //! - `access`    — access flips (file, map file, Runtime API) and their status.
 //! - `cancel_keys` — cancel keys copied into HAProxy's new worker after a reload.
+//! - `backups`   — pgBackRest per tenant: backups, restores, verify, restore tests, schedule.
 //! - `cli`       — clap definitions only.
 //! - `commands`  — what each CLI command does, in terms of the modules below.
 //! - `daemon`    — `run`: pokes, periodic resync, coalescing, systemd notify.
@@ -26,6 +27,7 @@
 
 pub mod access;
 pub mod api;
+pub mod backups;
 pub mod cancel_keys;
 pub mod cli;
 pub mod commands;

@@ -365,11 +365,24 @@ async fn apply<D: InstanceDriver>(
     if let Some(d) = driver {
         // A few at a time: after dockerd comes back without live-restore every tenant needs a
         // start, and one slow server must not keep the others down.
-        let steps = plan
+        // Boxed as Send here, for these lifetimes: a stream of closure-made futures cannot be
+        // proven Send for every lifetime, which callers on spawned tasks (the HTTP API's
+        // restores) need.
+        type StepFuture<'s> = std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = (&'s InstanceStep, Result<(), DriverError>)>
+                    + Send
+                    + 's,
+            >,
+        >;
+        let steps: Vec<StepFuture<'_>> = plan
             .instances
             .iter()
             .filter(|s| !matches!(s, InstanceStep::Remove { .. }))
-            .map(|step| async move { (step, run_instance_step(d, step, ready_timeout).await) });
+            .map(|step| -> StepFuture<'_> {
+                Box::pin(async move { (step, run_instance_step(d, step, ready_timeout).await) })
+            })
+            .collect();
         let results: Vec<_> = stream::iter(steps)
             .buffered(PARALLEL_INSTANCE_STEPS)
             .collect()

@@ -39,6 +39,8 @@ pub struct Settings {
     pub api: ApiSettings,
     #[serde(default)]
     pub limits: LimitsSettings,
+    #[serde(default)]
+    pub backups: BackupSettings,
     /// TLS to clients, terminated by HAProxy; absent means plaintext only (SSLRequest → 'N').
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSettings>,
@@ -149,6 +151,90 @@ fn d_tls_certificates() -> PathBuf {
 impl Default for TlsSettings {
     fn default() -> Self {
         toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+/// Backups of managed tenants (pgBackRest): where the repositories live, and the defaults a
+/// tenant's `"backups"` entry in the tenants file can override.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSettings {
+    /// One pgBackRest repository per tenant, `<repository>/<tenant>`, bind-mounted into its
+    /// container.
+    #[serde(default = "d_repository")]
+    pub repository: PathBuf,
+    /// PostgreSQL's `archive_timeout` in seconds: the most committed work a lost volume can
+    /// cost on a server that writes little.
+    #[serde(default = "d_archive_timeout")]
+    pub archive_timeout_secs: u64,
+    /// A full backup at least this often ("7d", "12h", "30m").
+    #[serde(default = "d_full_every")]
+    pub full_every: String,
+    /// An incremental backup at least this often.
+    #[serde(default = "d_incr_every")]
+    pub incr_every: String,
+    /// Full backups kept (with the incrementals and WAL that depend on them).
+    #[serde(default = "d_keep_full")]
+    pub keep_full: u32,
+    /// When set, full backups are kept by age instead of count: this many days.
+    pub keep_days: Option<u32>,
+    /// `pgbackrest verify` of each repository at least this often.
+    #[serde(default = "d_verify_every")]
+    pub verify_every: String,
+    /// The latest backup is restored into a scratch volume and checked at least this often.
+    #[serde(default = "d_restore_test_every")]
+    pub restore_test_every: String,
+}
+
+fn d_repository() -> PathBuf {
+    "backups".into()
+}
+fn d_archive_timeout() -> u64 {
+    60
+}
+fn d_full_every() -> String {
+    "7d".into()
+}
+fn d_incr_every() -> String {
+    "1d".into()
+}
+fn d_keep_full() -> u32 {
+    2
+}
+fn d_verify_every() -> String {
+    "1d".into()
+}
+fn d_restore_test_every() -> String {
+    "7d".into()
+}
+
+impl Default for BackupSettings {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+/// Parses an interval like "90s", "30m", "12h" or "7d" into seconds.
+pub fn parse_interval(s: &str) -> Result<u64, String> {
+    let digits = s.chars().take_while(|c| c.is_ascii_digit()).count();
+    let unit = match &s[digits..] {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "{s:?} is not an interval like \"90s\", \"30m\", \"12h\" or \"7d\""
+            ))
+        }
+    };
+    match s[..digits].parse::<u64>() {
+        Ok(n) if n > 0 => n
+            .checked_mul(unit)
+            .ok_or_else(|| format!("{s:?} is too long")),
+        _ => Err(format!(
+            "{s:?} is not an interval like \"90s\", \"30m\", \"12h\" or \"7d\""
+        )),
     }
 }
 
@@ -385,6 +471,21 @@ impl Settings {
         if let Some(tls) = &self.tls {
             tls.check()?;
         }
+        let b = &self.backups;
+        for (name, v) in [
+            ("backups.full_every", &b.full_every),
+            ("backups.incr_every", &b.incr_every),
+            ("backups.verify_every", &b.verify_every),
+            ("backups.restore_test_every", &b.restore_test_every),
+        ] {
+            parse_interval(v).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        }
+        if b.keep_full == 0 {
+            bail!("backups.keep_full must be at least 1");
+        }
+        if b.archive_timeout_secs == 0 || b.archive_timeout_secs > 86_400 {
+            bail!("backups.archive_timeout_secs must be from 1 to 86400");
+        }
         for (key, v) in [
             ("limits.cancel_keys", self.limits.cancel_keys),
             ("limits.sources", self.limits.sources),
@@ -421,7 +522,7 @@ impl Settings {
             }
         };
         section("", table, &mut out);
-        for name in ["haproxy", "docker", "api", "limits"] {
+        for name in ["haproxy", "docker", "api", "limits", "backups"] {
             let t = table.get(name).and_then(|v| v.as_table()).cloned();
             section(name, &t.unwrap_or_default(), &mut out);
         }
@@ -481,6 +582,14 @@ const SETTING_DOCS: &[(&str, &str, &str, &str)] = &[
     ("limits", "cancel_keys", "Most cancel keys remembered (one per session); when full the oldest are dropped first.", ""),
     ("limits", "cancel_key_ttl", "How long a session's cancel key is remembered (a session older than this cannot be cancelled).", ""),
     ("limits", "sources", "Most client addresses counted at once.", ""),
+    ("backups", "repository", "Where each managed tenant's pgBackRest repository lives (one directory per tenant).", ""),
+    ("backups", "archive_timeout_secs", "PostgreSQL's archive_timeout: the most committed work (in seconds) a lost volume can cost.", ""),
+    ("backups", "full_every", "A full backup at least this often (\"7d\", \"12h\"); a tenant's \"backups\" entry overrides it.", ""),
+    ("backups", "incr_every", "An incremental backup at least this often.", ""),
+    ("backups", "keep_full", "Full backups kept (with their incrementals and WAL).", ""),
+    ("backups", "keep_days", "Keep full backups by age (days) instead of by count.", "14"),
+    ("backups", "verify_every", "`pgbackrest verify` of each repository at least this often.", ""),
+    ("backups", "restore_test_every", "Restore the latest backup into a scratch volume and check it at least this often.", ""),
     ("tls", "certificates", "Directory of PEM files (chain and key in one file), all served; the first alphabetically is the default without SNI. Renewed files are picked up without a reload.", ""),
     ("tls", "mode", "\"optional\": plaintext and TLS clients; \"required\": plaintext startups are refused with a FATAL that says to use TLS.", ""),
     ("tls", "domain", "Tenant domain: an SNI ending in .DOMAIN must name the user's tenant in its first label (acme.DOMAIN); SNI is never required.", "\"db.example.com\""),
@@ -587,6 +696,10 @@ pub struct Paths {
     /// The copies HAProxy loads (`crt`): only files that parsed and that HAProxy accepted
     /// (at runtime or in `haproxy -c`) reach it, so a broken file never stops a restart.
     pub tls_served_dir: PathBuf,
+    /// The root of the tenants' backup repositories (`[backups] repository`).
+    pub backups_dir: PathBuf,
+    /// What the agent records about tenants: which volume holds their data, backup results.
+    pub state_dir: PathBuf,
     /// Internal TLS listener for clients that asked with an SSLRequest (mode 600).
     pub tls_socket: PathBuf,
     /// Internal TLS listener for direct TLS (PostgreSQL 17+, ALPN `postgresql`) (mode 600).
@@ -642,6 +755,8 @@ impl Paths {
             staging_dir: haproxy_dir.join(".staging"),
             tls_dir: at(&s.tls.clone().unwrap_or_default().certificates),
             tls_served_dir: haproxy_dir.join("tls"),
+            backups_dir: at(&s.backups.repository),
+            state_dir: base.join("state"),
             tls_socket: run_dir.join("tls.sock"),
             tls_direct_socket: run_dir.join("tls-direct.sock"),
             maps_dir,
@@ -649,6 +764,24 @@ impl Paths {
             run_dir,
             config,
         }
+    }
+
+    /// A managed tenant's pgBackRest repository.
+    pub fn tenant_repository(&self, id: &crate::tenants::TenantId) -> PathBuf {
+        self.backups_dir.join(id.as_str())
+    }
+
+    /// The file naming the volume that holds a tenant's data, once a restore moved it off the
+    /// volume it was created with.
+    pub fn tenant_volume_record(&self, id: &crate::tenants::TenantId) -> PathBuf {
+        self.state_dir.join("volumes").join(id.as_str())
+    }
+
+    /// Backup results of a tenant (last success, failures, verify and restore tests).
+    pub fn tenant_backup_status(&self, id: &crate::tenants::TenantId) -> PathBuf {
+        self.state_dir
+            .join("backups")
+            .join(format!("{}.json", id.as_str()))
     }
 
     /// The directory bind-mounted as a managed tenant's `/var/run/postgresql`.
@@ -770,6 +903,7 @@ mod tests {
         s.haproxy.master_socket = Some("/run/m.sock".into());
         s.haproxy.hard_stop_after = Some("1h".into());
         s.haproxy.threads = Some(1);
+        s.backups.keep_days = Some(14);
         let full = toml::Value::try_from(&s).unwrap();
         for (name, v) in full.as_table().unwrap() {
             let keys: Vec<(&str, &str)> = match v.as_table() {
@@ -807,6 +941,17 @@ mod tests {
         assert!(err.to_string().contains("haproxy.startup_timeout"), "{err}");
         let err = Settings::parse("tenant_file = \"x\"\n").unwrap_err();
         assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
+    }
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_interval("90s"), Ok(90));
+        assert_eq!(parse_interval("7d"), Ok(604_800));
+        for bad in ["", "7", "0d", "1w", "d", "-1h"] {
+            assert!(parse_interval(bad).is_err(), "{bad}");
+        }
+        let err = Settings::parse("[backups]\nfull_every = \"weekly\"\n").unwrap_err();
+        assert!(err.to_string().contains("backups.full_every"), "{err}");
     }
 
     #[test]

@@ -194,7 +194,7 @@ impl fmt::Display for Address {
 }
 
 /// A PostgreSQL server that pgs runs for the tenant in a container of its own.
-#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct ManagedSpec {
     /// Container image; `None` means the agent's default image.
@@ -209,6 +209,43 @@ pub struct ManagedSpec {
     pub settings: BTreeMap<String, String>,
     /// Host files run once at first start (`.sql` or `.sh`), in order.
     pub init_scripts: Vec<PathBuf>,
+    /// Continuous WAL archiving into the tenant's backup repository (the tenants file's
+    /// `backups.enabled`, on unless set to false). Left out of the container's spec label
+    /// when on, so containers made before backups existed compare equal.
+    #[serde(skip_serializing_if = "is_true")]
+    pub backups: bool,
+}
+
+impl Default for ManagedSpec {
+    fn default() -> Self {
+        ManagedSpec {
+            image: None,
+            memory: None,
+            cpus: None,
+            max_connections: None,
+            settings: BTreeMap::new(),
+            init_scripts: Vec::new(),
+            backups: true,
+        }
+    }
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+/// A tenant's own backup schedule and retention (the tenants file's `"backups"` entry); every
+/// field left out takes the agent's `[backups]` default.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct BackupPolicy {
+    /// `false` turns backups and WAL archiving off for the tenant.
+    pub enabled: bool,
+    /// Seconds between full backups.
+    pub full_every: Option<u64>,
+    /// Seconds between incremental backups.
+    pub incr_every: Option<u64>,
+    pub keep_full: Option<u32>,
+    pub keep_days: Option<u32>,
 }
 
 /// What serves the tenant.
@@ -235,6 +272,8 @@ pub struct Tenant {
     /// Extra roles on a managed tenant's server (`managed.roles`), by name; users log in as
     /// `<role>.<tenant>`. Kept out of `ManagedSpec`: a role change never replaces the container.
     pub roles: BTreeMap<String, RoleSpec>,
+    /// Backups of a managed tenant (enabled unless the file says otherwise).
+    pub backups: BackupPolicy,
 }
 
 /// One extra role of a managed tenant (`managed.roles.<name>` in the tenants file).
@@ -382,19 +421,18 @@ pub fn validate(doc: &Value) -> Result<Tenants, Vec<Problem>> {
                         }
                     };
                     let tenant = v.tenant(spec, &place, key);
-                    if let (Some(id), Some((access, instance, stopped, tls, limit, roles))) =
-                        (id, tenant)
-                    {
+                    if let (Some(id), Some(f)) = (id, tenant) {
                         tenants.insert(
                             id.clone(),
                             Tenant {
                                 id,
-                                access,
-                                instance,
-                                stopped,
-                                tls,
-                                connection_limit: limit,
-                                roles,
+                                access: f.access,
+                                instance: f.instance,
+                                stopped: f.stopped,
+                                tls: f.tls,
+                                connection_limit: f.connection_limit,
+                                roles: f.roles,
+                                backups: f.backups,
                             },
                         );
                     }
@@ -407,6 +445,17 @@ pub fn validate(doc: &Value) -> Result<Tenants, Vec<Problem>> {
     } else {
         Err(v.problems)
     }
+}
+
+/// A tenant's entry, validated (everything of a `Tenant` but its id).
+struct TenantFields {
+    access: Access,
+    instance: Instance,
+    stopped: bool,
+    tls: TenantTls,
+    connection_limit: Option<u32>,
+    roles: BTreeMap<String, RoleSpec>,
+    backups: BackupPolicy,
 }
 
 #[derive(Default)]
@@ -451,20 +500,7 @@ impl Validator {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn tenant(
-        &mut self,
-        spec: &Value,
-        place: &str,
-        id: &str,
-    ) -> Option<(
-        Access,
-        Instance,
-        bool,
-        TenantTls,
-        Option<u32>,
-        BTreeMap<String, RoleSpec>,
-    )> {
+    fn tenant(&mut self, spec: &Value, place: &str, id: &str) -> Option<TenantFields> {
         let obj = self.object(spec, place)?;
         self.known_keys(
             obj,
@@ -476,8 +512,23 @@ impl Validator {
                 "stopped",
                 "tls",
                 "connection_limit",
+                "backups",
             ],
         );
+        let backups = match obj.get("backups") {
+            None => Some(BackupPolicy {
+                enabled: obj.contains_key("managed"),
+                ..BackupPolicy::default()
+            }),
+            Some(_) if !obj.contains_key("managed") => {
+                self.problem(
+                    &join(place, "backups"),
+                    "only a managed tenant has backups; pgs does not run an external server",
+                );
+                None
+            }
+            Some(b) => self.backups(b, &join(place, "backups")),
+        };
         let limit = match obj.get("connection_limit") {
             None => Some(None),
             Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n <= 1_000_000) => {
@@ -553,7 +604,83 @@ impl Validator {
             Some(r) => self.roles(r, &join(place, "managed.roles"), id),
             None => Some(BTreeMap::new()),
         };
-        Some((access?, instance?, stopped?, tls?, limit?, roles?))
+        let backups = backups?;
+        let instance = match instance? {
+            Instance::Managed(mut spec) => {
+                spec.backups = backups.enabled;
+                Instance::Managed(spec)
+            }
+            other => other,
+        };
+        Some(TenantFields {
+            access: access?,
+            instance,
+            stopped: stopped?,
+            tls: tls?,
+            connection_limit: limit?,
+            roles: roles?,
+            backups,
+        })
+    }
+
+    fn backups(&mut self, value: &Value, place: &str) -> Option<BackupPolicy> {
+        let obj = self.object(value, place)?;
+        self.known_keys(
+            obj,
+            place,
+            &[
+                "enabled",
+                "full_every",
+                "incr_every",
+                "keep_full",
+                "keep_days",
+            ],
+        );
+        let before = self.problems.len();
+        let mut policy = BackupPolicy {
+            enabled: true,
+            ..BackupPolicy::default()
+        };
+        match obj.get("enabled") {
+            None => {}
+            Some(Value::Bool(b)) => policy.enabled = *b,
+            Some(other) => self.problem(
+                &join(place, "enabled"),
+                format!("expected true or false, found {other}"),
+            ),
+        }
+        for (key, slot) in [
+            ("full_every", &mut policy.full_every),
+            ("incr_every", &mut policy.incr_every),
+        ] {
+            match obj.get(key) {
+                None => {}
+                Some(Value::String(s)) => match crate::settings::parse_interval(s) {
+                    Ok(secs) => *slot = Some(secs),
+                    Err(e) => self.problem(&join(place, key), e),
+                },
+                Some(other) => self.problem(
+                    &join(place, key),
+                    format!("expected an interval like \"7d\" or \"12h\", found {other}"),
+                ),
+            }
+        }
+        for (key, slot) in [
+            ("keep_full", &mut policy.keep_full),
+            ("keep_days", &mut policy.keep_days),
+        ] {
+            match obj.get(key) {
+                None => {}
+                Some(v) => match v.as_u64() {
+                    Some(n @ 1..=9_999) => *slot = Some(n as u32),
+                    _ => self.problem(
+                        &join(place, key),
+                        format!("expected a whole number from 1 to 9999, found {v}"),
+                    ),
+                },
+            }
+        }
+        (self.problems.len() == before).then_some(policy)
     }
 
     /// `managed.roles`: `{"<role>": {"read_only": bool, "connection_limit": n}}`.
@@ -1092,6 +1219,44 @@ mod tests {
         }
         let long = format!("/{}", "a".repeat(107));
         assert!(Address::parse(&long).unwrap_err().contains("system limit"));
+    }
+
+    #[test]
+    fn backups_are_on_by_default_and_validated() {
+        let t = validate(&json!({"version": 1, "tenants": {
+            "a": {"managed": {}},
+            "b": {"managed": {}, "backups": {"enabled": false}},
+            "c": {"managed": {}, "backups": {"full_every": "1d", "incr_every": "1h", "keep_full": 3}},
+            "x": {"external": {"address": "/run/x/.s.PGSQL.5432"}}
+        }}))
+        .unwrap();
+        let get = |id: &str| t.get(&id.parse().unwrap()).unwrap().clone();
+        let managed = |id: &str| match get(id).instance {
+            Instance::Managed(m) => m,
+            _ => panic!("not managed"),
+        };
+        assert!(get("a").backups.enabled && managed("a").backups);
+        assert!(!get("b").backups.enabled && !managed("b").backups);
+        assert_eq!(get("c").backups.full_every, Some(86_400));
+        assert_eq!(get("c").backups.incr_every, Some(3_600));
+        assert_eq!(get("c").backups.keep_full, Some(3));
+        assert!(!get("x").backups.enabled);
+        let err = validate(&json!({"version": 1, "tenants": {
+            "a": {"managed": {}, "backups": {"enabeld": false, "full_every": "weekly", "keep_full": 0}},
+            "x": {"external": {"address": "/run/x/.s.PGSQL.5432"}, "backups": {}}
+        }}))
+        .unwrap_err();
+        let places: Vec<&str> = err.iter().map(|p| p.place.as_str()).collect();
+        assert_eq!(
+            places,
+            [
+                "tenants.a.backups.enabeld",
+                "tenants.a.backups.full_every",
+                "tenants.a.backups.keep_full",
+                "tenants.x.backups"
+            ],
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -132,6 +132,15 @@ impl World {
         let layout = Layout::init();
         layout.use_docker_prefix(&docker.prefix);
         layout.edit_settings(|s| s.replace("max_body_bytes = 65536", "max_body_bytes = 4096"));
+        let image = crate::support::docker::image();
+        if image != crate::support::docker::IMAGE {
+            layout.edit_settings(|s| {
+                s.replace(
+                    "default_image = \"pgs/postgres:15\"",
+                    &format!("default_image = \"{image}\""),
+                )
+            });
+        }
         layout.render();
         let haproxy = layout.start_haproxy();
         let agent = AgentProcess::start(&layout.config, 600, &layout.dir.path().join("agent.log"));
@@ -354,6 +363,58 @@ fn the_api_runs_tenants_end_to_end_and_keeps_its_openapi_document_true() {
         Some(1.0)
     );
     assert!(metric(&m.body, "pgs_last_successful_sync_timestamp_seconds", "") > Some(0.0));
+
+    // Backups: one taken now is listed with its restore window and seen by /metrics; a
+    // restore target outside the window is refused, naming it; a dry run says what it would do.
+    let r = c.call(
+        "POST",
+        "/v1/tenants/{id}/backups",
+        "/v1/tenants/acme/backups",
+        Some(&json!({"full": true})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["backup"]["type"], "full");
+    let r = c.call(
+        "GET",
+        "/v1/tenants/{id}/backups",
+        "/v1/tenants/acme/backups",
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json()["backups"].as_array().unwrap().len(),
+        1,
+        "{}",
+        r.body
+    );
+    assert!(r.json()["window"]["from"].as_i64() > Some(0), "{}", r.body);
+    let r = c.call(
+        "POST",
+        "/v1/tenants/{id}/restore",
+        "/v1/tenants/acme/restore",
+        Some(&json!({"to": "2001-01-01 00:00:00+00", "dry_run": true})),
+    );
+    assert_eq!(
+        (r.status, r.json()["code"].clone()),
+        (422, json!("invalid_target")),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("outside the restore window"), "{}", r.body);
+    let r = c.call(
+        "POST",
+        "/v1/tenants/{id}/restore",
+        "/v1/tenants/acme/restore",
+        Some(&json!({"latest": true, "into": "acme_copy", "dry_run": true})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["restore"]["dry_run"], true);
+    let m = c.call("GET", "/metrics", "/metrics", None);
+    assert!(
+        metric(&m.body, "pgs_backup_last_success_timestamp_seconds", t) > Some(0.0),
+        "{}",
+        m.body
+    );
 
     // Access off with terminate: the open session ends, a new client is refused and counted.
     let r = c.call(

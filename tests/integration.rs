@@ -8,6 +8,8 @@ mod support;
 mod access;
 #[path = "api.rs"]
 mod api;
+#[path = "backups.rs"]
+mod backups;
 #[path = "cancel_limits.rs"]
 mod cancel_limits;
 #[path = "cli.rs"]

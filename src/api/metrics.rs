@@ -162,6 +162,8 @@ pub struct Sample {
     pub failed_startups_threshold: u32,
     pub haproxy_up: bool,
     pub docker_up: Option<bool>,
+    /// Backup results of the managed tenants with backups on.
+    pub backups: Vec<crate::backups::status::Summary>,
 }
 
 /// Parses the reply of `pgs show refused` (lines `<tenant|-> <reason> <count>`).
@@ -425,6 +427,84 @@ pub fn render(agent: &AgentMetrics, sample: &Sample) -> Result<String, std::fmt:
         );
     }
 
+    if !sample.backups.is_empty() {
+        let last: Family<Labels, Gauge> = Family::default();
+        let size: Family<Labels, Gauge> = Family::default();
+        let failures: Family<Labels, Counter> = Family::default();
+        let lag: Family<Labels, Gauge> = Family::default();
+        let tested: Family<Labels, Gauge> = Family::default();
+        let test_ok: Family<Labels, Gauge> = Family::default();
+        let verify_ok: Family<Labels, Gauge> = Family::default();
+        let archive_failures: Family<Labels, Counter> = Family::default();
+        for b in &sample.backups {
+            let l = labels(&[("tenant", b.tenant.as_str())]);
+            last.get_or_create(&l)
+                .set(b.status.last_success.unwrap_or(0));
+            size.get_or_create(&l)
+                .set(b.status.last_size.unwrap_or(0) as i64);
+            failures.get_or_create(&l).inc_by(b.status.failures);
+            if let Some(s) = b.wal_archive_lag_seconds {
+                lag.get_or_create(&l).set(s);
+            }
+            tested
+                .get_or_create(&l)
+                .set(b.status.restore_test_at.unwrap_or(0));
+            if let Some(ok) = b.status.restore_test_ok {
+                test_ok.get_or_create(&l).set(ok as i64);
+            }
+            if let Some(ok) = b.status.verify_ok {
+                verify_ok.get_or_create(&l).set(ok as i64);
+            }
+            archive_failures
+                .get_or_create(&l)
+                .inc_by(b.archive_failures);
+        }
+        r.register_with_unit(
+            "backup_last_success_timestamp",
+            "Unix time at which the tenant's last successful backup ended (0: none yet)",
+            Unit::Seconds,
+            last,
+        );
+        r.register_with_unit(
+            "backup_last_size",
+            "Size in the repository of the tenant's last successful backup",
+            Unit::Bytes,
+            size,
+        );
+        r.register(
+            "backup_failures",
+            "Failed backups of the tenant (recorded under the layout's state/, kept across restarts)",
+            failures,
+        );
+        r.register_with_unit(
+            "backup_wal_archive_lag",
+            "Seconds since the tenant's newest WAL segment reached its repository (a server that writes nothing archives nothing)",
+            Unit::Seconds,
+            lag,
+        );
+        r.register_with_unit(
+            "backup_restore_test_timestamp",
+            "Unix time of the tenant's last restore test (0: none yet)",
+            Unit::Seconds,
+            tested,
+        );
+        r.register(
+            "backup_restore_test_ok",
+            "1 when the tenant's last restore test (restore, amcheck, pg_dumpall) passed",
+            test_ok,
+        );
+        r.register(
+            "backup_archive_failures",
+            "Failed WAL pushes into the tenant's repository noted by its server (since its socket directory was made)",
+            archive_failures,
+        );
+        r.register(
+            "backup_verify_ok",
+            "1 when the last pgbackrest verify of the tenant's repository found no problem",
+            verify_ok,
+        );
+    }
+
     let mut out = String::new();
     encode(&mut out, &r)?;
     Ok(out)
@@ -534,8 +614,36 @@ mod tests {
             failed_startups_threshold: 20,
             haproxy_up: true,
             docker_up: Some(true),
+            backups: vec![crate::backups::status::Summary {
+                tenant: "acme".into(),
+                status: crate::backups::status::Status {
+                    last_success: Some(1_796_499_272),
+                    last_size: Some(4_078_553),
+                    failures: 2,
+                    restore_test_at: Some(1_796_499_300),
+                    restore_test_ok: Some(true),
+                    verify_ok: Some(false),
+                    ..Default::default()
+                },
+                newest_wal_at: Some(1_796_499_280),
+                wal_archive_lag_seconds: Some(42),
+                archive_failures: 3,
+                last_archive_failure: None,
+            }],
         };
         let text = render(&agent, &sample).unwrap();
+        for line in [
+            "pgs_backup_last_success_timestamp_seconds{tenant=\"acme\"} 1796499272",
+            "pgs_backup_last_size_bytes{tenant=\"acme\"} 4078553",
+            "pgs_backup_failures_total{tenant=\"acme\"} 2",
+            "pgs_backup_wal_archive_lag_seconds{tenant=\"acme\"} 42",
+            "pgs_backup_restore_test_timestamp_seconds{tenant=\"acme\"} 1796499300",
+            "pgs_backup_restore_test_ok{tenant=\"acme\"} 1",
+            "pgs_backup_verify_ok{tenant=\"acme\"} 0",
+            "pgs_backup_archive_failures_total{tenant=\"acme\"} 3",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
         for line in [
             "pgs_reconcile_passes_total{result=\"ok\"} 1",
             "pgs_reconcile_passes_total{result=\"problems\"} 1",

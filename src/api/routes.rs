@@ -37,6 +37,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/tenants/{id}"),
     ("DELETE", "/v1/tenants/{id}"),
     ("PUT", "/v1/tenants/{id}/access"),
+    ("GET", "/v1/tenants/{id}/backups"),
+    ("POST", "/v1/tenants/{id}/backups"),
+    ("POST", "/v1/tenants/{id}/restore"),
 ];
 
 /// A request path matched against [`ROUTES`].
@@ -48,6 +51,8 @@ enum Route<'a> {
     Tenants,
     Tenant(&'a str),
     TenantAccess(&'a str),
+    TenantBackups(&'a str),
+    TenantRestore(&'a str),
 }
 
 fn route(path: &str) -> Option<Route<'_>> {
@@ -61,6 +66,8 @@ fn route(path: &str) -> Option<Route<'_>> {
             match rest.split_once('/') {
                 None if !rest.is_empty() => Route::Tenant(rest),
                 Some((id, "access")) if !id.is_empty() => Route::TenantAccess(id),
+                Some((id, "backups")) if !id.is_empty() => Route::TenantBackups(id),
+                Some((id, "restore")) if !id.is_empty() => Route::TenantRestore(id),
                 _ => return None,
             }
         }
@@ -73,6 +80,8 @@ fn allowed(r: &Route) -> &'static [Method] {
         Route::Tenants => &[Method::GET, Method::POST],
         Route::Tenant(_) => &[Method::GET, Method::DELETE],
         Route::TenantAccess(_) => &[Method::PUT],
+        Route::TenantBackups(_) => &[Method::GET, Method::POST],
+        Route::TenantRestore(_) => &[Method::POST],
     }
 }
 
@@ -146,7 +155,159 @@ async fn dispatch(state: &Arc<State>, req: Request<Incoming>) -> Result<Resp, Ap
             let id = id.to_owned();
             set_access(state, &id, req).await
         }
+        Route::TenantBackups(id) if m == Method::GET => list_backups(state, id).await,
+        Route::TenantBackups(id) => {
+            let id = id.to_owned();
+            take_backup(state, &id, req).await
+        }
+        Route::TenantRestore(id) => {
+            let id = id.to_owned();
+            restore(state, &id, req).await
+        }
     }
+}
+
+fn backup_error(e: crate::backups::BackupError) -> ApiError {
+    use crate::backups::{BackupError as E, JobError};
+    match e {
+        E::Unknown(id) => ApiError::tenant_not_found(id.as_str()),
+        E::Invalid(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_target", m),
+        e @ (E::External(_) | E::Disabled(_) | E::NoData(_) | E::Job(JobError::Busy { .. })) => {
+            ApiError::new(StatusCode::CONFLICT, "backup_conflict", e.to_string())
+        }
+        other => ApiError::new(StatusCode::BAD_GATEWAY, "backup_failed", format!("{other}")),
+    }
+}
+
+fn docker_of(state: &State) -> Result<&crate::instances::docker::DockerDriver, ApiError> {
+    state.docker.as_ref().ok_or_else(|| {
+        ApiError::unavailable(
+            "docker_unavailable",
+            "backups need the Docker engine, and the agent has none (see its log)",
+        )
+    })
+}
+
+async fn list_backups(state: &State, id: &str) -> Result<Resp, ApiError> {
+    let id = path_id(id)?;
+    crate::backups::managed(&state.agent, &id).map_err(backup_error)?;
+    let listing = crate::backups::list(&state.agent, &id).map_err(backup_error)?;
+    let mut v = serde_json::to_value(&listing).map_err(|e| ApiError::internal(e.to_string()))?;
+    v["status"] = serde_json::to_value(crate::backups::status::load(&state.agent.paths, &id))
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(json_response(StatusCode::OK, &v))
+}
+
+fn field(field: &str, message: impl Into<String>) -> super::errors::FieldProblem {
+    super::errors::FieldProblem {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+async fn take_backup(state: &State, id: &str, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    let id = path_id(id)?;
+    let body = read_json(req, state.agent.settings.api.max_body_bytes)
+        .await
+        .unwrap_or(json!({}));
+    let full = match body.get("full") {
+        None => false,
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::invalid(vec![field(
+                "full",
+                "expected true or false",
+            )]))
+        }
+    };
+    let docker = docker_of(state)?;
+    let o = crate::backups::backup(&state.agent, docker, &id, full)
+        .await
+        .map_err(backup_error)?;
+    Ok(json_response(StatusCode::CREATED, &o))
+}
+
+async fn restore(state: &State, id: &str, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    use crate::backups::restore::Target;
+    let id = path_id(id)?;
+    let body = read_json(req, state.agent.settings.api.max_body_bytes).await?;
+    let mut problems = Vec::new();
+    let mut targets = Vec::new();
+    if let Some(v) = body.get("to") {
+        match v.as_str().map(crate::backups::clock::parse_time) {
+            Some(Ok(ms)) => targets.push(Target::Time(ms)),
+            Some(Err(e)) => problems.push(field("to", e)),
+            None => problems.push(field("to", "expected a time string")),
+        }
+    }
+    if let Some(v) = body.get("backup") {
+        match v.as_str() {
+            Some(l) => targets.push(Target::Backup(l.to_owned())),
+            None => problems.push(field("backup", "expected a backup label")),
+        }
+    }
+    match body.get("latest") {
+        None | Some(serde_json::Value::Bool(false)) => {}
+        Some(serde_json::Value::Bool(true)) => targets.push(Target::Latest),
+        Some(_) => problems.push(field("latest", "expected true or false")),
+    }
+    let into = match body.get("into") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => match v.as_str().map(TenantId::parse) {
+            Some(Ok(new)) => Some(new),
+            Some(Err(e)) => {
+                problems.push(field("into", e));
+                None
+            }
+            None => {
+                problems.push(field("into", "expected a tenant id"));
+                None
+            }
+        },
+    };
+    let dry_run = match body.get("dry_run") {
+        None => false,
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(_) => {
+            problems.push(field("dry_run", "expected true or false"));
+            false
+        }
+    };
+    if let Some(obj) = body.as_object() {
+        for k in obj.keys() {
+            if !["to", "backup", "latest", "into", "dry_run"].contains(&k.as_str()) {
+                problems.push(field(
+                    k,
+                    "unknown field; expected to, backup, latest, into or dry_run",
+                ));
+            }
+        }
+    }
+    if targets.len() != 1 && problems.is_empty() {
+        problems.push(field(
+            "to",
+            "give exactly one of \"to\", \"backup\" or \"latest\": true",
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::invalid(problems));
+    }
+    let docker = docker_of(state)?;
+    let target = targets.remove(0);
+    let (plan, report) =
+        crate::backups::restore::restore(&state.agent, docker, &id, target, into, dry_run)
+            .await
+            .map_err(backup_error)?;
+    let problems = report.map(|r| r.errors).unwrap_or_default();
+    let status = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    Ok(json_response(
+        status,
+        &json!({"restore": plan, "problems": problems}),
+    ))
 }
 
 /// A path id that is not a valid tenant id names no tenant.
@@ -528,10 +689,17 @@ async fn metrics(state: &State) -> Result<Resp, ApiError> {
         Some(d) => Some(d.ping().await.is_ok()),
         None => None,
     };
+    let tenants = tenant_ops::views(&state.agent, state.docker.as_ref())
+        .await
+        .unwrap_or_default();
+    let with_backups: Vec<_> = tenants
+        .iter()
+        .filter(|t| t.spec.as_ref().is_some_and(|s| s.backups))
+        .map(|t| t.id.clone())
+        .collect();
     let sample = Sample {
-        tenants: tenant_ops::views(&state.agent, state.docker.as_ref())
-            .await
-            .unwrap_or_default(),
+        backups: crate::backups::status::summaries(&state.agent.paths, &with_backups),
+        tenants,
         haproxy_up: stats.is_some(),
         stats,
         refused,
@@ -591,6 +759,8 @@ mod tests {
             Route::Tenants,
             Route::Tenant("a"),
             Route::TenantAccess("a"),
+            Route::TenantBackups("a"),
+            Route::TenantRestore("a"),
         ]
         .iter()
         .map(|r| allowed(r).len())

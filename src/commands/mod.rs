@@ -1,6 +1,7 @@
 //! What each CLI command does: load settings and tenants, call the library, print for people.
 
 mod access;
+mod backups;
 mod sync;
 mod tenant;
 mod tls;

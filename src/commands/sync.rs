@@ -21,7 +21,7 @@ pub const EXIT_CHANGED: u8 = 2;
 /// fine (external tenants only); with them it is an error that says how to fix it.
 pub async fn driver(agent: &Agent) -> anyhow::Result<Option<DockerDriver>> {
     match DockerDriver::connect(&agent.settings.docker, &agent.paths).await {
-        Ok(d) => Ok(Some(d)),
+        Ok(d) => Ok(Some(d.with_backups(&agent.settings.backups))),
         Err(e) => {
             let managed = tenants::load(&agent.paths.tenants_file)
                 .map(|t| t.iter().any(|t| matches!(t.instance, Instance::Managed(_))))
@@ -193,10 +193,17 @@ pub async fn run(agent: &Agent, resync: u64) -> anyhow::Result<ExitCode> {
     }
     // Bound before the first pass, so a taken address fails here; served beside the loop.
     let api = crate::api::start(agent, d.clone(), tx.clone()).await?;
+    // Scheduled backups, verifies and restore tests, one job at a time, beside the loop.
+    let backups = d
+        .clone()
+        .map(|d| tokio::spawn(crate::backups::schedule::run(agent.clone(), d)));
     daemon::run(agent, d.as_ref(), rx, shutdown, timing, |pass| {
         api.on_pass(pass)
     })
     .await;
+    if let Some(task) = backups {
+        task.abort();
+    }
     api.stop().await;
     Ok(ExitCode::SUCCESS)
 }

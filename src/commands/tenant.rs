@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Map, Value};
 
+use super::backups;
 use super::sync::{driver, print_report};
 use crate::cli::{CreateArgs, CredentialsFormat, TenantCommand};
 use crate::fsutil::FileLock;
@@ -31,12 +32,27 @@ pub async fn run(agent: &Agent, cmd: TenantCommand) -> anyhow::Result<ExitCode> 
             role,
             rotate,
         } => credentials(agent, &id, format, role.as_deref(), rotate).await,
+        TenantCommand::Backup { id, full, json } => backups::backup(agent, &id, full, json).await,
+        TenantCommand::Backups { id, json } => backups::list(agent, &id, json).await,
+        TenantCommand::Restore {
+            id,
+            to,
+            backup,
+            latest,
+            into,
+            dry_run,
+            json,
+        } => backups::restore_cmd(agent, &id, to, backup, latest, into, dry_run, json).await,
+        TenantCommand::Verify { id } => backups::verify(agent, &id).await,
+        TenantCommand::RestoreTest { id } => backups::restore_test(agent, &id).await,
+        TenantCommand::Volumes { id, purge_old } => backups::volumes(agent, &id, purge_old).await,
     }
 }
 
-async fn require_docker(agent: &Agent) -> anyhow::Result<DockerDriver> {
+pub(super) async fn require_docker(agent: &Agent) -> anyhow::Result<DockerDriver> {
     DockerDriver::connect(&agent.settings.docker, &agent.paths)
         .await
+        .map(|d| d.with_backups(&agent.settings.backups))
         .context("managed tenants need the Docker engine")
 }
 
@@ -142,13 +158,28 @@ async fn delete(agent: &Agent, id: &TenantId, purge: bool) -> anyhow::Result<Exi
             Some(d) => d,
             None => require_docker(agent).await?,
         };
+        let repo = agent.paths.tenant_repository(id);
         if purge {
             let removed = d.remove(id, true).await?;
             match removed.volume {
                 Some(v) => println!("{id}: data volume {v} deleted"),
                 None => println!("{id}: no data volume to delete"),
             }
+            if repo.exists() {
+                std::fs::remove_dir_all(&repo)
+                    .with_context(|| format!("cannot delete {}", repo.display()))?;
+                println!("{id}: backup repository {} deleted", repo.display());
+            }
+            let _ = std::fs::remove_file(agent.paths.tenant_backup_status(id));
         } else {
+            if repo.exists() {
+                println!(
+                    "{id}: backup repository {} kept; `{cli} tenant restore {id} --latest --into NEWID` \
+                     brings the data back as a new tenant, `--purge-data` deletes it",
+                    repo.display(),
+                    cli = agent.cli()
+                );
+            }
             println!(
                 "{id}: data volume {} kept; `{cli} tenant delete {id} --purge-data` deletes it, \
                  `{cli} tenant create {id}` brings the data back",
@@ -180,8 +211,26 @@ async fn set_stopped(agent: &Agent, id: &TenantId, stopped: bool) -> anyhow::Res
                 agent.paths.tenants_file.display()
             )
         })?;
-        if !matches!(t.instance, Instance::Managed(_)) {
+        let Instance::Managed(spec) = &t.instance else {
             bail!("{id} is an external tenant: pgs does not run its server");
+        };
+        // A clean stop leaves the last partial WAL segment unarchived: close and archive it
+        // first, so the repository holds every commit made before the stop.
+        if stopped && spec.backups && !t.stopped {
+            let running = crate::backups::server_state(&docker, id)
+                .await
+                .ok()
+                .flatten()
+                == Some(crate::instances::RunState::Running);
+            let has_stanza =
+                crate::backups::repo::has_stanza(&agent.paths.tenant_repository(id), id.as_str());
+            if running && has_stanza {
+                if let Err(e) =
+                    crate::backups::restore::switch_wal(&docker, id, docker.image_for(spec)).await
+                {
+                    eprintln!("warning: {id}: the last WAL before the stop was not archived: {e}");
+                }
+            }
         }
         let entry = edit.tenant_mut(id).expect("tenant exists");
         if stopped {
@@ -251,7 +300,18 @@ async fn show(agent: &Agent, id: &TenantId, json: bool) -> anyhow::Result<ExitCo
             )
         })?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        let mut out = serde_json::to_value(&v)?;
+        if v.spec.as_ref().is_some_and(|s| s.backups) {
+            let listing = crate::backups::list(agent, id)?;
+            let summary = crate::backups::status::summaries(&agent.paths, std::slice::from_ref(id));
+            out["backups"] = json!({
+                "count": listing.backups.len(),
+                "window": listing.window,
+                "repository": listing.repository,
+                "summary": summary.first(),
+            });
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!("tenant    {}", v.id);
@@ -277,6 +337,35 @@ async fn show(agent: &Agent, id: &TenantId, json: bool) -> anyhow::Result<ExitCo
     }
     if let Some(spec) = &v.spec {
         println!("spec      {}", serde_json::to_string(spec)?);
+        if spec.backups {
+            let listing = crate::backups::list(agent, id)?;
+            println!(
+                "backups   {} in {}{}",
+                listing.backups.len(),
+                listing.repository,
+                listing
+                    .window
+                    .map(|w| format!(
+                        ", restore window {} to {}",
+                        crate::backups::clock::format_utc(w.from),
+                        crate::backups::clock::format_utc(w.to)
+                    ))
+                    .unwrap_or_default()
+            );
+            let summary = crate::backups::status::summaries(&agent.paths, std::slice::from_ref(id));
+            if let Some(lag) = summary.first().and_then(|s| s.wal_archive_lag_seconds) {
+                println!("wal archived {lag}s ago");
+            }
+            backups::print_status(&crate::backups::status::load(&agent.paths, id));
+            if let Some(s) = summary.first() {
+                backups::print_archive_failures(
+                    s.archive_failures,
+                    s.last_archive_failure.as_ref(),
+                );
+            }
+        } else {
+            println!("backups   off");
+        }
     }
     let tenants = tenants::load(&agent.paths.tenants_file)?;
     for (name, r) in tenants.get(id).map(|t| &t.roles).into_iter().flatten() {

@@ -26,7 +26,7 @@ use futures_util::StreamExt;
 use super::{DriverError, InstanceDriver, ObservedInstance, Removed, RunState};
 use crate::fsutil;
 use crate::pgsql;
-use crate::settings::{DockerSettings, Paths};
+use crate::settings::{BackupSettings, DockerSettings, Paths};
 use crate::tenants::{self, ManagedSpec, TenantId};
 
 /// Present (`1`) on every object pgs creates.
@@ -51,6 +51,9 @@ const DATA_DIR: &str = "/var/lib/postgresql/data";
 const SOCKET_DIR: &str = "/var/run/postgresql";
 const PASSWORD_MOUNT: &str = "/run/secrets/pgs-password";
 const INITDB_DIR: &str = "/docker-entrypoint-initdb.d";
+/// Where the tenant's pgBackRest repository is mounted (the Debian package's default
+/// `repo1-path`).
+pub const REPO_DIR: &str = "/var/lib/pgbackrest";
 /// The image's `postgres` user.
 const PG_UID: u32 = 999;
 /// Seconds between SIGINT (fast shutdown) and SIGKILL.
@@ -109,6 +112,8 @@ pub struct DockerDriver {
     paths: Paths,
     /// This layout's directory, as `io.pgs.layout` carries it.
     layout: String,
+    /// Repository root and archive_timeout of tenants with backups on.
+    backups: BackupSettings,
 }
 
 impl DockerDriver {
@@ -138,7 +143,29 @@ impl DockerDriver {
             settings: settings.clone(),
             paths: paths.clone(),
             layout: layout_id(&paths.config),
+            backups: BackupSettings::default(),
         })
+    }
+
+    /// The same driver with the layout's `[backups]` settings (the defaults otherwise).
+    pub fn with_backups(mut self, backups: &BackupSettings) -> Self {
+        self.backups = backups.clone();
+        self
+    }
+
+    /// The engine client, for the backup jobs that run beside the tenants.
+    pub fn engine(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// The installation prefix and this layout's id, as ownership labels carry them.
+    pub fn owner(&self) -> (&str, &str) {
+        (&self.settings.prefix, &self.layout)
+    }
+
+    /// The agent's paths.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
     }
 
     /// Follows the engine's event stream and calls `on_event` whenever one of this
@@ -155,6 +182,9 @@ impl DockerDriver {
             while let Some(event) = events.next().await {
                 let Ok(event) = event else { break };
                 let attrs = event.actor.and_then(|a| a.attributes).unwrap_or_default();
+                if attrs.contains_key(crate::backups::jobs::LABEL_JOB) {
+                    continue;
+                }
                 let tenant = attrs
                     .get(LABEL_TENANT)
                     .and_then(|t| TenantId::parse(t).ok());
@@ -212,9 +242,113 @@ impl DockerDriver {
         container_name(&self.settings.prefix, id)
     }
 
-    /// The tenant's data volume name.
+    /// The tenant's data volume: the one a restore recorded, else the one it was created with.
     pub fn volume_name(&self, id: &TenantId) -> String {
-        volume_name(&self.settings.prefix, id)
+        fs::read_to_string(self.paths.tenant_volume_record(id))
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| volume_name(&self.settings.prefix, id))
+    }
+
+    /// Points the tenant at another data volume (a restored copy); takes effect when its
+    /// container is next created.
+    pub fn set_volume(&self, id: &TenantId, volume: &str) -> io::Result<()> {
+        let record = self.paths.tenant_volume_record(id);
+        if let Some(dir) = record.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        if volume == volume_name(&self.settings.prefix, id) {
+            return match fs::remove_file(&record) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        }
+        fsutil::write_atomic(&record, format!("{volume}\n").as_bytes(), 0o644)
+    }
+
+    /// Every volume of this tenant (the current one and those a restore left behind).
+    pub async fn tenant_volumes(&self, id: &TenantId) -> Result<Vec<String>, DriverError> {
+        let mut filters = self.installation_filter();
+        filters
+            .get_mut("label")
+            .expect("label filter")
+            .push(format!("{LABEL_TENANT}={id}"));
+        let options = ListVolumesOptionsBuilder::new().filters(&filters).build();
+        let volumes = self
+            .docker
+            .list_volumes(Some(options))
+            .await
+            .map_err(|e| self.engine_err(id, "listing volumes", e))?;
+        let mut names: Vec<String> = volumes
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|v| is_owned(Some(&v.labels), &self.settings.prefix, &self.layout, id))
+            .map(|v| v.name)
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Creates an empty volume owned by the tenant (a restore target).
+    pub async fn create_named_volume(
+        &self,
+        id: &TenantId,
+        name: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<(), DriverError> {
+        let mut labels = ownership_labels(&self.settings.prefix, &self.layout, id);
+        for (k, v) in extra {
+            labels.insert((*k).to_owned(), (*v).to_owned());
+        }
+        let request = VolumeCreateRequest {
+            name: Some(name.to_owned()),
+            labels: Some(labels),
+            ..Default::default()
+        };
+        self.docker
+            .create_volume(request)
+            .await
+            .map(drop)
+            .map_err(|e| self.engine_err(id, &format!("creating volume {name}"), e))
+    }
+
+    /// Removes one of the tenant's volumes (never one another tenant or layout owns).
+    pub async fn remove_named_volume(&self, id: &TenantId, name: &str) -> Result<(), DriverError> {
+        match self.docker.inspect_volume(name).await {
+            Ok(v) if is_owned(Some(&v.labels), &self.settings.prefix, &self.layout, id) => {}
+            Ok(v) => {
+                return Err(not_ours(
+                    id,
+                    "volume",
+                    name,
+                    Some(&v.labels),
+                    &self.settings.prefix,
+                ))
+            }
+            Err(e) if is_not_found(&e) => return Ok(()),
+            Err(e) => return Err(self.engine_err(id, &format!("inspecting volume {name}"), e)),
+        }
+        tracing::info!(tenant = %id, "removing volume {name}");
+        let options = RemoveVolumeOptionsBuilder::new().force(false).build();
+        match self.docker.remove_volume(name, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(self.engine_err(id, &format!("removing volume {name}"), e)),
+        }
+    }
+
+    /// Creates the tenant's backup repository directory, owned by the container user.
+    pub fn prepare_repository(&self, id: &TenantId) -> io::Result<PathBuf> {
+        let dir = self.paths.tenant_repository(id);
+        fs::create_dir_all(&dir)?;
+        let meta = fs::metadata(&dir)?;
+        if meta.uid() != PG_UID {
+            std::os::unix::fs::chown(&dir, Some(PG_UID), Some(PG_UID))?;
+        }
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o750))?;
+        Ok(dir)
     }
 
     /// The unix socket HAProxy dials for the tenant (`<socket dir>/.s.PGSQL.5432`).
@@ -232,7 +366,7 @@ impl DockerDriver {
 
     /// Makes sure the tenant has a password file readable by the container user; returns its
     /// path. An existing password is kept, so a re-created tenant still logs in to its old data.
-    fn ensure_password(&self, id: &TenantId) -> io::Result<PathBuf> {
+    pub fn ensure_password(&self, id: &TenantId) -> io::Result<PathBuf> {
         let dir = &self.paths.secrets_dir;
         fs::create_dir_all(dir)?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
@@ -559,6 +693,9 @@ impl InstanceDriver for DockerDriver {
         };
         for c in containers {
             let labels = c.labels.unwrap_or_default();
+            if labels.contains_key(crate::backups::jobs::LABEL_JOB) {
+                continue; // a backup job beside the tenant, not its server
+            }
             if let Some(other) = other_layout(&labels, &self.layout) {
                 tracing::warn!(
                     "container {:?} belongs to the pgs layout in {other}, which uses the same \
@@ -608,8 +745,12 @@ impl InstanceDriver for DockerDriver {
                 );
                 continue;
             };
-            if v.name != volume_name(prefix, &tenant) {
-                tracing::warn!(tenant = %tenant, "volume {} carries this tenant's labels but not its name; ignored", v.name);
+            if v.name != self.volume_name(&tenant) {
+                if v.name.starts_with(&volume_name(prefix, &tenant)) {
+                    tracing::debug!(tenant = %tenant, "volume {} is a previous or restored copy of this tenant's data", v.name);
+                } else {
+                    tracing::warn!(tenant = %tenant, "volume {} carries this tenant's labels but not its name; ignored", v.name);
+                }
                 continue;
             }
             found
@@ -677,7 +818,26 @@ impl InstanceDriver for DockerDriver {
             )
         })?;
         let init_scripts = self.resolve_init_scripts(id, spec)?;
+        // A repository that cannot be prepared costs the tenant its archiving, not its server.
+        let archive = match spec.backups.then(|| self.prepare_repository(id)) {
+            Some(Ok(repository)) => Some(Archive {
+                repository,
+                timeout_secs: self.backups.archive_timeout_secs,
+            }),
+            Some(Err(e)) => {
+                tracing::warn!(
+                    tenant = %id,
+                    "cannot prepare the backup repository {}: {e}; the server runs without WAL \
+                     archiving until it can",
+                    self.paths.tenant_repository(id).display()
+                );
+                None
+            }
+            None => None,
+        };
         let blueprint = Blueprint {
+            volume: self.volume_name(id),
+            archive,
             prefix: self.settings.prefix.clone(),
             layout: self.layout.clone(),
             tenant: id.clone(),
@@ -883,6 +1043,14 @@ impl InstanceDriver for DockerDriver {
             }
         }
         if purge_data {
+            for other in self.tenant_volumes(id).await? {
+                self.remove_named_volume(id, &other).await?;
+            }
+            if let Err(e) = fs::remove_file(self.paths.tenant_volume_record(id)) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(tenant = %id, "cannot remove the volume record: {e}");
+                }
+            }
             let pw = self.paths.tenant_password_file(id);
             if let Err(e) = fs::remove_file(&pw) {
                 if e.kind() != io::ErrorKind::NotFound {
@@ -1055,6 +1223,47 @@ struct Blueprint {
     socket_dir: PathBuf,
     password_file: PathBuf,
     init_scripts: Vec<PathBuf>,
+    /// The data volume (named after the tenant unless a restore moved it).
+    volume: String,
+    /// Continuous archiving into the tenant's repository, when backups are on.
+    archive: Option<Archive>,
+}
+
+/// What a tenant's container needs for continuous WAL archiving.
+#[derive(Debug, Clone)]
+struct Archive {
+    repository: PathBuf,
+    timeout_secs: u64,
+}
+
+/// The environment that configures pgBackRest for a tenant (no secret in it): stanza = tenant
+/// id, repository and data directory where the containers mount them, no log files.
+pub fn pgbackrest_env(id: &TenantId) -> Vec<String> {
+    vec![
+        format!("PGBACKREST_STANZA={id}"),
+        format!("PGBACKREST_REPO1_PATH={REPO_DIR}"),
+        format!("PGBACKREST_PG1_PATH={DATA_DIR}"),
+        format!("PGBACKREST_PG1_SOCKET_PATH={SOCKET_DIR}"),
+        format!("PGBACKREST_PG1_USER={id}"),
+        format!("PGBACKREST_PG1_DATABASE={id}"),
+        "PGBACKREST_LOG_LEVEL_FILE=off".to_owned(),
+        "PGBACKREST_LOG_LEVEL_CONSOLE=warn".to_owned(),
+        "PGBACKREST_LOG_LEVEL_STDERR=error".to_owned(),
+    ]
+}
+
+/// Written by the `archive_command` in the tenant's socket directory (on the host, and writable
+/// even when the repository is not): one line `<unix time> <segment>` per failed push.
+pub const ARCHIVE_FAILURES: &str = "pgs-archive-failures";
+
+/// The `archive_command`: push each WAL segment into the repository once its stanza exists
+/// (segments from before the first backup can restore nothing, so they are not kept); a failed
+/// push is noted in the socket directory for the agent to report and count.
+pub fn archive_command() -> String {
+    format!(
+        "[ ! -e {REPO_DIR}/archive/\"$PGBACKREST_STANZA\"/archive.info ] || pgbackrest archive-push %p \
+         || {{ echo \"$(date +%s) %f\" >> {SOCKET_DIR}/{ARCHIVE_FAILURES}; exit 1; }}"
+    )
 }
 
 fn bind(source: &Path, target: &str, read_only: bool) -> Mount {
@@ -1073,7 +1282,7 @@ fn container_body(bp: &Blueprint) -> ContainerCreateBody {
     let mut mounts = vec![
         Mount {
             typ: Some(MountType::VOLUME),
-            source: Some(volume_name(&bp.prefix, id)),
+            source: Some(bp.volume.clone()),
             target: Some(DATA_DIR.to_owned()),
             ..Default::default()
         },
@@ -1082,6 +1291,9 @@ fn container_body(bp: &Blueprint) -> ContainerCreateBody {
     ];
     for (i, script) in bp.init_scripts.iter().enumerate() {
         mounts.push(bind(script, &init_script_target(i, script), true));
+    }
+    if let Some(a) = &bp.archive {
+        mounts.push(bind(&a.repository, REPO_DIR, false));
     }
     let memory = i64::try_from(bp.memory).unwrap_or(i64::MAX);
     let host_config = HostConfig {
@@ -1099,14 +1311,21 @@ fn container_body(bp: &Blueprint) -> ContainerCreateBody {
         security_opt: Some(vec!["no-new-privileges".to_owned()]),
         ..Default::default()
     };
-    let settings = server_settings(&bp.spec, bp.memory, bp.default_max_connections);
+    let mut settings = server_settings(&bp.spec, bp.memory, bp.default_max_connections);
+    let mut env = vec![
+        format!("POSTGRES_USER={id}"),
+        format!("POSTGRES_DB={id}"),
+        format!("POSTGRES_PASSWORD_FILE={PASSWORD_MOUNT}"),
+    ];
+    if let Some(a) = &bp.archive {
+        env.extend(pgbackrest_env(id));
+        settings.insert("archive_mode".into(), "on".into());
+        settings.insert("archive_command".into(), archive_command());
+        settings.insert("archive_timeout".into(), a.timeout_secs.to_string());
+    }
     let mut body = ContainerCreateBody {
         image: Some(bp.image.clone()),
-        env: Some(vec![
-            format!("POSTGRES_USER={id}"),
-            format!("POSTGRES_DB={id}"),
-            format!("POSTGRES_PASSWORD_FILE={PASSWORD_MOUNT}"),
-        ]),
+        env: Some(env),
         cmd: Some(server_command(&settings)),
         stop_signal: (!bp.image_sets_stop_signal).then(|| "SIGINT".to_owned()),
         stop_timeout: Some(i64::from(STOP_TIMEOUT_SECS)),
@@ -1285,6 +1504,8 @@ mod tests {
             socket_dir: "/srv/pgs/run/tenants/acme".into(),
             password_file: "/srv/pgs/state/secrets/acme.password".into(),
             init_scripts: vec!["/srv/pgs/init/schema.sql".into(), "/x/seed.sh".into()],
+            volume: "pgs-acme-data".into(),
+            archive: None,
         }
     }
 
@@ -1347,8 +1568,16 @@ mod tests {
             max_connections: Some(42),
             settings: BTreeMap::from([("work_mem".into(), "8MB".into())]),
             init_scripts: vec!["init/a.sql".into()],
+            backups: false,
         };
         assert_eq!(parse_spec_label(&spec_label(&spec)), Some(spec));
+        // Labels written before backups existed read as backups on.
+        assert_eq!(
+            parse_spec_label(
+                r#"{"image":null,"memory":null,"cpus":null,"max_connections":null,"settings":{},"init_scripts":[]}"#
+            ),
+            Some(ManagedSpec::default())
+        );
         assert_eq!(
             parse_spec_label(&spec_label(&ManagedSpec::default())),
             Some(ManagedSpec::default())
@@ -1460,6 +1689,37 @@ mod tests {
         assert_eq!(body.stop_timeout, Some(10));
         bp.image_sets_stop_signal = false;
         assert_eq!(container_body(&bp).stop_signal.as_deref(), Some("SIGINT"));
+    }
+
+    #[test]
+    fn a_tenant_with_backups_archives_into_its_repository() {
+        let mut bp = blueprint(ManagedSpec::default());
+        bp.archive = Some(Archive {
+            repository: "/srv/pgs/backups/acme".into(),
+            timeout_secs: 60,
+        });
+        let body = container_body(&bp);
+        let mounts = body.host_config.clone().unwrap().mounts.unwrap();
+        let repo = mounts.last().unwrap();
+        assert_eq!(repo.source.as_deref(), Some("/srv/pgs/backups/acme"));
+        assert_eq!(repo.target.as_deref(), Some(REPO_DIR));
+        assert_eq!(repo.read_only, Some(false));
+        let env = body.env.clone().unwrap();
+        assert!(
+            env.contains(&"PGBACKREST_STANZA=acme".to_string()),
+            "{env:?}"
+        );
+        assert!(env.iter().all(|e| !e.contains("PASSWORD=")), "{env:?}");
+        let cmd = body.cmd.clone().unwrap();
+        assert!(cmd.contains(&"archive_mode=on".to_string()), "{cmd:?}");
+        assert!(cmd.contains(&"archive_timeout=60".to_string()), "{cmd:?}");
+        assert!(cmd.contains(&format!("archive_command={}", archive_command())));
+        let without = container_body(&blueprint(ManagedSpec::default()));
+        assert_ne!(
+            body.labels.as_ref().unwrap()[LABEL_CONFIG],
+            without.labels.as_ref().unwrap()[LABEL_CONFIG],
+            "turning backups on replaces the container"
+        );
     }
 
     #[test]

@@ -17,6 +17,12 @@ use super::temp_dir;
 /// The tenant image the tests run (`docker/build-image.sh 15` builds it).
 pub const IMAGE: &str = "pgs/postgres:15";
 
+/// The image under test: `PGS_TEST_IMAGE` (an image built with `PGS_IMAGE_REPO`, to try an
+/// image change before it replaces the shared tag), else `IMAGE`.
+pub fn image() -> String {
+    std::env::var("PGS_TEST_IMAGE").unwrap_or_else(|_| IMAGE.to_owned())
+}
+
 /// Prefix of every test installation; `pgstest-<pid>-<n>`.
 const TEST_PREFIX: &str = "pgstest-";
 
@@ -49,7 +55,7 @@ impl DockerEnv {
         let dir = temp_dir();
         let mut settings = Settings::default();
         settings.docker.prefix = prefix.clone();
-        settings.docker.default_image = IMAGE.to_owned();
+        settings.docker.default_image = image();
         if let Some(sock) = std::env::var("DOCKER_HOST")
             .ok()
             .and_then(|h| h.strip_prefix("unix://").map(str::to_owned))
@@ -174,9 +180,10 @@ fn engine_ready() -> Result<(), String> {
         }
         Err(e) => return Err(format!("docker CLI not runnable: {e}")),
     }
-    if !docker(&["image", "inspect", IMAGE]).status.success() {
+    let image = image();
+    if !docker(&["image", "inspect", &image]).status.success() {
         return Err(format!(
-            "image {IMAGE} is missing; build it with docker/build-image.sh 15"
+            "image {image} is missing; build it with docker/build-image.sh 15"
         ));
     }
     Ok(())
