@@ -217,7 +217,7 @@ pub enum TenantCommand {
     /// `--format env` keeps the password off command lines (where `ps` shows it):
     /// `(eval "$(pgs-agent tenant credentials acme --format env)" && psql)`.
     /// `--role app` prints how to connect as the tenant's role `app` (user `app.acme`);
-    /// `--rotate` first sets a new password (printed once; the old one stops working).
+    /// `--rotate` first sets a new password (printed, and stored for later `credentials` calls; the old one stops working).
     Credentials {
         /// Tenant id.
         id: TenantId,

@@ -31,6 +31,9 @@ pub struct Settings {
     /// What the agent renders for HAProxy: pgs.cfg, maps/, pg-route.lua.
     #[serde(default = "d_haproxy_dir")]
     pub haproxy_dir: PathBuf,
+    /// What the agent records about tenants: which volume holds their data, backup results.
+    #[serde(default = "d_state_dir")]
+    pub state_dir: PathBuf,
     #[serde(default)]
     pub haproxy: HaproxySettings,
     #[serde(default)]
@@ -349,6 +352,9 @@ fn d_secrets_dir() -> PathBuf {
 fn d_run_dir() -> PathBuf {
     "run".into()
 }
+fn d_state_dir() -> PathBuf {
+    "state".into()
+}
 fn d_haproxy_dir() -> PathBuf {
     "haproxy".into()
 }
@@ -554,6 +560,7 @@ const SETTING_DOCS: &[(&str, &str, &str, &str)] = &[
     ("", "secrets_dir", "Generated secrets (tenant passwords, the API token), mode 0700.", ""),
     ("", "run_dir", "Sockets, pid files, locks and the tenants' socket directories.", ""),
     ("", "haproxy_dir", "What the agent renders for HAProxy: pgs.cfg, maps/, pg-route.lua.", ""),
+    ("", "state_dir", "What the agent records about tenants: the volume holding each one's data after a restore, backup results.", ""),
     ("haproxy", "listen", "Where HAProxy accepts PostgreSQL clients (bind address).", ""),
     ("haproxy", "binary", "The HAProxy executable (used for `haproxy -c` checks).", ""),
     ("haproxy", "admin_socket", "Runtime API socket; default run_dir/admin.sock. In fragment mode: the `stats socket ... level admin` of your haproxy.cfg.", "\"/run/haproxy/admin.sock\""),
@@ -756,7 +763,7 @@ impl Paths {
             tls_dir: at(&s.tls.clone().unwrap_or_default().certificates),
             tls_served_dir: haproxy_dir.join("tls"),
             backups_dir: at(&s.backups.repository),
-            state_dir: base.join("state"),
+            state_dir: at(&s.state_dir),
             tls_socket: run_dir.join("tls.sock"),
             tls_direct_socket: run_dir.join("tls-direct.sock"),
             maps_dir,

@@ -155,6 +155,13 @@ fn the_package_installs_upgrades_and_keeps_data_on_remove_and_purge() {
         "{conf}"
     );
     assert!(conf.contains("mode = \"fragment\""), "{conf}");
+    // Everything the agent writes lives under /var/lib/pgs (the unit makes /etc/pgs read-only).
+    for line in [
+        "state_dir = \"/var/lib/pgs/state\"",
+        "repository = \"/var/lib/pgs/backups\"",
+    ] {
+        assert!(conf.contains(line), "{line} missing in:\n{conf}");
+    }
     assert!(!Path::new(DATA).join("pgs.toml").exists());
     let token = fs::read(Path::new(DATA).join("secrets/api-token")).unwrap();
     ok("/usr/bin/pgs-agent", &["-c", CONF, "check"]);

@@ -509,7 +509,9 @@ async fn delete(state: &Arc<State>, id: &str, query: Option<&str>) -> Result<Res
         .is_none_or(|t| matches!(t.instance, Instance::Managed(_)));
     let mut volume = None;
     let mut purged = false;
-    if managed && (purge || was.is_none()) {
+    // Only an explicit purge ever removes data: a repeated DELETE of a tenant already out of
+    // the file is a 404, never a wipe.
+    if managed && purge {
         let Some(docker) = state.docker.as_ref() else {
             return Err(ApiError::unavailable(
                 "docker_unavailable",

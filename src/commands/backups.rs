@@ -270,6 +270,7 @@ pub async fn restore_test(agent: &Agent, id: &TenantId) -> anyhow::Result<ExitCo
 
 pub async fn volumes(agent: &Agent, id: &TenantId, purge_old: bool) -> anyhow::Result<ExitCode> {
     let docker = require_docker(agent).await?;
+    docker.check_volume_record(id)?;
     let current = docker.volume_name(id);
     let all = docker.tenant_volumes(id).await?;
     for v in &all {

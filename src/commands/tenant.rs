@@ -450,7 +450,7 @@ async fn credentials(
         connection_text(format, &user, id, host, port, password.trim_end())
     );
     if rotate {
-        eprintln!("{user}: new password set; the old one no longer works, and this is the only time it is printed");
+        eprintln!("{user}: new password set; the old one no longer works");
     }
     Ok(ExitCode::SUCCESS)
 }

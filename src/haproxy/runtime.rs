@@ -485,6 +485,22 @@ impl Command {
         })
     }
 
+    /// The request as logs and errors show it: a certificate's PEM (its private key) and a
+    /// cancel key (a session's secret) are left out.
+    pub fn label(&self, rendered: &str) -> String {
+        match self {
+            Command::SetSslCert { file, pem } => format!(
+                "set ssl cert {} <<(PEM payload, {} bytes)",
+                file.display(),
+                pem.len()
+            ),
+            Command::SetTableServerId {
+                table, server_id, ..
+            } => format!("set table {table} key <cancel key> data.server_id {server_id}"),
+            _ => rendered.to_string(),
+        }
+    }
+
     fn expect(&self) -> Expect {
         match self {
             Command::ShowMap { .. } | Command::ShowMapVersion { .. } => Expect::MapEntries,
@@ -1004,11 +1020,12 @@ impl RuntimeApi {
     pub async fn execute(&self, cmd: &Command) -> Result<String, RuntimeError> {
         let rendered = cmd.render()?;
         self.check_len(&rendered)?;
-        tracing::debug!(endpoint = %self.endpoint, command = %rendered, "runtime api");
+        let label = cmd.label(&rendered);
+        tracing::debug!(endpoint = %self.endpoint, command = %label, "runtime api");
         let mut replies = self
-            .exchange(std::slice::from_ref(&rendered), 1, false, &rendered)
+            .exchange(std::slice::from_ref(&rendered), 1, false, &label)
             .await?;
-        check_reply(cmd, &rendered, replies.pop().unwrap_or_default())
+        check_reply(cmd, &label, replies.pop().unwrap_or_default())
     }
 
     /// Runs many commands over as few connections as the line limit allows (see [`BatchMode`]).
@@ -1056,7 +1073,7 @@ impl RuntimeApi {
             .iter()
             .zip(rendered)
             .zip(bodies)
-            .map(|((cmd, r), body)| check_reply(cmd, &r, body))
+            .map(|((cmd, r), body)| check_reply(cmd, &cmd.label(&r), body))
             .collect())
     }
 
@@ -1242,7 +1259,14 @@ impl RuntimeApi {
         let len = rendered.len() + 1;
         if len > self.max_line {
             return Err(RuntimeError::LineTooLong {
-                command: rendered.chars().take(120).collect(),
+                // Never a payload (a certificate's private key) in an error.
+                command: rendered
+                    .split("<<")
+                    .next()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(120)
+                    .collect(),
                 len,
                 max: self.max_line,
             });
@@ -1857,5 +1881,29 @@ mod tests {
             err.to_string(),
             "HAProxy runtime socket /nonexistent/pgs/admin.sock: no such socket — is HAProxy running?"
         );
+    }
+
+    #[test]
+    fn logs_and_errors_never_carry_a_private_key_or_a_cancel_key() {
+        let pem = "-----BEGIN PRIVATE KEY-----\nSECRETSECRET\n-----END PRIVATE KEY-----";
+        let cmd = Command::SetSslCert {
+            file: "/srv/pgs/haproxy/tls/a.pem".into(),
+            pem: pem.into(),
+        };
+        let rendered = cmd.render().unwrap();
+        assert!(rendered.contains("SECRETSECRET"));
+        let label = cmd.label(&rendered);
+        assert!(!label.contains("SECRET"), "{label}");
+        let err = check_reply(&cmd, &label, "unable to load".into()).unwrap_err();
+        assert!(!err.to_string().contains("SECRET"), "{err}");
+        let api = RuntimeApi::new(PathBuf::from("/nonexistent")).with_max_line(16);
+        let err = api.check_len(&rendered).unwrap_err().to_string();
+        assert!(!err.contains("SECRET"), "{err}");
+        let key = Command::SetTableServerId {
+            table: "pgs-cancel-keys".into(),
+            key: "0000ABCD12345678".into(),
+            server_id: 7,
+        };
+        assert!(!key.label(&key.render().unwrap()).contains("12345678"));
     }
 }

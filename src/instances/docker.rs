@@ -251,6 +251,24 @@ impl DockerDriver {
             .unwrap_or_else(|| volume_name(&self.settings.prefix, id))
     }
 
+    /// Fails when the tenant's volume record exists but cannot be read: falling back to the
+    /// volume it was created with would serve its data from before a restore.
+    pub fn check_volume_record(&self, id: &TenantId) -> Result<(), DriverError> {
+        let record = self.paths.tenant_volume_record(id);
+        match fs::read_to_string(&record) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DriverError::Failed {
+                tenant: id.clone(),
+                message: format!(
+                    "cannot read {} ({e}), which names the volume holding its data since a \
+                     restore; nothing is started until it can be read",
+                    record.display()
+                ),
+            }),
+        }
+    }
+
     /// Points the tenant at another data volume (a restored copy); takes effect when its
     /// container is next created.
     pub fn set_volume(&self, id: &TenantId, volume: &str) -> io::Result<()> {
@@ -762,6 +780,7 @@ impl InstanceDriver for DockerDriver {
     }
 
     async fn ensure(&self, id: &TenantId, spec: &ManagedSpec) -> Result<(), DriverError> {
+        self.check_volume_record(id)?;
         let image = spec
             .image
             .clone()
