@@ -181,26 +181,6 @@ function M.error_code(message)
     return message:match("%zC(%w%w%w%w%w)%z") or message:match("^E....C(%w%w%w%w%w)%z")
 end
 
--- The StartupMessage's tenant (its `user`), or nil and a refusal.
-function M.startup_tenant(message)
-    local params, err = M.parse_startup_params(message:sub(M.HEADER_LEN + 1))
-    if not params then
-        return nil, err
-    end
-    local user = params["user"]
-    if user == nil or user == "" then
-        return nil, M.refusal("missing_user", M.SQLSTATE_INVALID_AUTH_SPEC,
-            "no PostgreSQL user name specified in startup packet")
-    end
-    if not M.is_valid_tenant(user) then
-        return nil, M.refusal("invalid_user", M.SQLSTATE_INVALID_AUTH_SPEC,
-            "invalid user name: must be 1 to 63 characters, " ..
-            "lowercase letters, digits or underscores, starting with a letter",
-            nil, "user=" .. M.quote_for_log(user))
-    end
-    return user
-end
-
 -- `role.tenant` user names (several roles per tenant).  Splits a user name
 -- on its last dot; both parts must be valid names.  A name without a dot is
 -- role and tenant at once (`acme` is role acme on tenant acme).  Returns

@@ -2,24 +2,11 @@
 --   lua5.3 lua/tests/test_roles.lua       (from the repository root)
 -- Prints "N passed, 0 failed" and exits non-zero on any failure.
 
-package.path = "lua/?.lua;" .. package.path
+package.path = "lua/?.lua;lua/tests/lib/?.lua;" .. package.path
 local wire = require("pgs_wire")
 
-local passed, failed = 0, 0
-local function test(name, f)
-    local ok, err = pcall(f)
-    if ok then
-        passed = passed + 1
-    else
-        failed = failed + 1
-        io.stderr:write("FAIL " .. name .. ": " .. tostring(err) .. "\n")
-    end
-end
-local function eq(got, want, what)
-    if got ~= want then
-        error(string.format("%s: got %q, want %q", what or "value", tostring(got), tostring(want)), 2)
-    end
-end
+local H = require("harness")
+local test, eq = H.test, H.eq
 
 local PROTOCOL_3_0 = 3 << 16
 
@@ -112,5 +99,4 @@ test("a rewrite that would outgrow the startup packet limit is refused", functio
     eq(err and err.reason, "bad_length")
 end)
 
-print(string.format("%d passed, %d failed", passed, failed))
-os.exit(failed == 0 and 0 or 1)
+H.finish()

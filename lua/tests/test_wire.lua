@@ -2,24 +2,11 @@
 --   lua5.3 lua/tests/test_wire.lua        (from the repository root)
 -- Prints "N passed, 0 failed" and exits non-zero on any failure.
 
-package.path = "lua/?.lua;" .. package.path
+package.path = "lua/?.lua;lua/tests/lib/?.lua;" .. package.path
 local wire = require("pgs_wire")
 
-local passed, failed = 0, 0
-local function test(name, f)
-    local ok, err = pcall(f)
-    if ok then
-        passed = passed + 1
-    else
-        failed = failed + 1
-        io.stderr:write("FAIL " .. name .. ": " .. tostring(err) .. "\n")
-    end
-end
-local function eq(got, want, what)
-    if got ~= want then
-        error(string.format("%s: got %q, want %q", what or "value", tostring(got), tostring(want)), 2)
-    end
-end
+local H = require("harness")
+local test, eq = H.test, H.eq
 
 local function msg(code, payload)
     payload = payload or ""
@@ -62,14 +49,18 @@ end)
 
 test("the tenant comes from a valid user only", function()
     local function startup(pairs) return msg(3 << 16, pairs) end
-    eq(wire.startup_tenant(startup("user\0acme\0\0")), "acme")
-    local _, err = wire.startup_tenant(startup("database\0x\0\0"))
+    local function tenant_of(m)
+        local target, err = wire.startup_target(m)
+        return target and target.tenant, err
+    end
+    eq(tenant_of(startup("user\0acme\0\0")), "acme")
+    local _, err = tenant_of(startup("database\0x\0\0"))
     eq(err.reason, "missing_user"); eq(err.sqlstate, "28000")
     for _, bad in ipairs({ "ACME", "a-b", "1abc", "acme\1", string.rep("a", 64) }) do
-        _, err = wire.startup_tenant(startup("user\0" .. bad .. "\0\0"))
+        _, err = tenant_of(startup("user\0" .. bad .. "\0\0"))
         eq(err and err.reason, "invalid_user", bad)
     end
-    eq(wire.startup_tenant(startup("user\0" .. string.rep("a", 63) .. "\0\0")), string.rep("a", 63))
+    eq(tenant_of(startup("user\0" .. string.rep("a", 63) .. "\0\0")), string.rep("a", 63))
 end)
 
 test("error responses are well-formed, with an optional hint", function()
@@ -116,5 +107,4 @@ test("an ErrorResponse's SQLSTATE is found", function()
     eq(wire.error_code("Sxx"), nil)
 end)
 
-print(string.format("%d passed, %d failed", passed, failed))
-os.exit(failed == 0 and 0 or 1)
+H.finish()
