@@ -2,11 +2,10 @@
 //! (the server sees `user=role`), and managed tenants' roles declared in the tenants file,
 //! created, aligned, rotated and dropped on real servers in real containers.
 
-use std::process::Output;
-
 use crate::routing::TwoTenants;
-use crate::support::docker::{docker, DockerEnv};
-use crate::support::{agent, have_tools, psql, Haproxy, Layout};
+use crate::support::docker::docker;
+use crate::support::managed::Managed as SharedManaged;
+use crate::support::{have_tools, psql, Layout};
 
 /// Creates a SCRAM login role on an external test server, straight through its socket.
 fn create_role(pg: &crate::support::Postgres, role: &str, password: &str) {
@@ -159,34 +158,19 @@ fn masked(text: &str) -> String {
     out
 }
 
-/// A layout on the real Docker engine with HAProxy running, driven through the CLI.
-struct Managed {
-    _haproxy: Haproxy,
-    layout: Layout,
-    docker: DockerEnv,
+/// The managed-tenants stack with the CLI calls these tests repeat.
+struct Managed(SharedManaged);
+
+impl std::ops::Deref for Managed {
+    type Target = SharedManaged;
+    fn deref(&self) -> &SharedManaged {
+        &self.0
+    }
 }
 
 impl Managed {
     fn start() -> Option<Managed> {
-        if !have_tools(&["haproxy", "psql", "docker"]) {
-            return None;
-        }
-        let docker = DockerEnv::new()?;
-        let layout = Layout::init();
-        layout.use_docker_prefix(&docker.prefix);
-        layout.render();
-        let haproxy = layout.start_haproxy();
-        Some(Managed {
-            _haproxy: haproxy,
-            layout,
-            docker,
-        })
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let mut all = vec!["-c", self.layout.config.to_str().unwrap()];
-        all.extend_from_slice(args);
-        agent(&all)
+        SharedManaged::start().map(Managed)
     }
 
     /// Runs the CLI; returns (exit code, stdout + stderr).
@@ -214,13 +198,6 @@ impl Managed {
                 "globex": {{"access": "enabled", "managed": {{"memory": "128m"}}}}
             }}}}"#
         ));
-    }
-
-    fn secret(&self, rel: &str) -> String {
-        std::fs::read_to_string(self.layout.root().join("secrets").join(rel))
-            .unwrap_or_else(|e| panic!("secrets/{rel}: {e}"))
-            .trim()
-            .to_owned()
     }
 
     /// Runs `sql` through HAProxy as `user` (no dbname: libpq's default, the user as typed).

@@ -1,72 +1,18 @@
 //! Managed tenants end to end through the CLI: `tenant create` provisions a container, HAProxy
 //! routes real clients to it, and data, passwords and volumes behave as promised.
 
-use std::process::Output;
+use crate::support::docker::docker;
+use crate::support::managed::Managed;
+use crate::support::{agent, psql, Layout};
 
-use crate::support::docker::{docker, DockerEnv};
-use crate::support::{agent, have_tools, psql, Haproxy, Layout};
-
-struct Managed {
-    haproxy: Haproxy,
-    layout: Layout,
-    docker: DockerEnv,
-}
-
-impl Managed {
-    fn start() -> Option<Managed> {
-        if !have_tools(&["haproxy", "psql", "docker"]) {
-            return None;
-        }
-        let docker = DockerEnv::new()?;
-        let layout = Layout::init();
-        layout.use_docker_prefix(&docker.prefix);
-        layout.render();
-        let haproxy = layout.start_haproxy();
-        Some(Managed {
-            haproxy,
-            layout,
-            docker,
-        })
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let mut all = vec!["-c", self.layout.config.to_str().unwrap()];
-        all.extend_from_slice(args);
-        agent(&all)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "pgs-agent {args:?}: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn password(&self, id: &str) -> String {
-        std::fs::read_to_string(self.layout.root().join(format!("secrets/{id}.password")))
-            .unwrap()
-            .trim()
-            .to_owned()
-    }
-
-    /// Runs `sql` through HAProxy as tenant `id`.
-    fn sql(&self, id: &str, sql: &str) -> (bool, String, String) {
-        psql(
-            &self
-                .layout
-                .conninfo(id, &format!("dbname={id} sslmode=prefer")),
-            &self.password(id),
-            sql,
-        )
-    }
-
-    fn container(&self, id: &str) -> String {
-        format!("{}-{id}", self.docker.prefix)
-    }
+/// Runs `sql` through HAProxy as tenant `id`.
+fn sql(m: &Managed, id: &str, sql: &str) -> (bool, String, String) {
+    psql(
+        &m.layout
+            .conninfo(id, &format!("dbname={id} sslmode=prefer")),
+        &m.password(id),
+        sql,
+    )
 }
 
 #[test]
@@ -81,21 +27,24 @@ fn tenants_get_servers_of_their_own_with_data_that_outlives_containers() {
 
     // Each tenant writes its own data and cannot see the other's.
     for id in ["acme", "globex"] {
-        let (ok, _, err) = m.sql(
+        let (ok, _, err) = sql(
+            &m,
             id,
             &format!("create table mine(v text); insert into mine values ('{id}')"),
         );
         assert!(ok, "{err}");
     }
-    assert_eq!(m.sql("acme", "select v from mine").1, "acme");
-    assert_eq!(m.sql("globex", "select v from mine").1, "globex");
-    let (ok, _, err) = m.sql(
+    assert_eq!(sql(&m, "acme", "select v from mine").1, "acme");
+    assert_eq!(sql(&m, "globex", "select v from mine").1, "globex");
+    let (ok, _, err) = sql(
+        &m,
         "acme",
         "select count(*) from pg_roles where rolname = 'globex'",
     );
     assert!(ok, "{err}");
     assert_eq!(
-        m.sql(
+        sql(
+            &m,
             "acme",
             "select count(*) from pg_roles where rolname = 'globex'"
         )
@@ -119,7 +68,7 @@ fn tenants_get_servers_of_their_own_with_data_that_outlives_containers() {
         "acme back after restart",
         std::time::Duration::from_secs(30),
         || {
-            let (ok, out, _) = m.sql("acme", "select v from mine");
+            let (ok, out, _) = sql(&m, "acme", "select v from mine");
             (ok && out == "acme").then_some(())
         },
     );
@@ -138,10 +87,10 @@ fn tenants_get_servers_of_their_own_with_data_that_outlives_containers() {
     let volume = format!("{}-globex-data", m.docker.prefix);
     assert!(out.contains(&volume) && out.contains("kept"), "{out}");
     assert!(m.docker.volumes().contains(&volume));
-    let (ok, _, err) = m.sql("globex", "select 1");
+    let (ok, _, err) = sql(&m, "globex", "select 1");
     assert!(!ok && err.contains("not available"), "{err}");
     m.ok(&["tenant", "create", "globex", "--enable", "--memory", "128m"]);
-    assert_eq!(m.sql("globex", "select v from mine").1, "globex");
+    assert_eq!(sql(&m, "globex", "select v from mine").1, "globex");
 
     // Purge removes it.
     let out = m.ok(&["tenant", "delete", "globex", "--purge-data"]);
@@ -219,14 +168,14 @@ fn provisioning_errors_are_clear_and_leave_the_file_alone() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
     // Created without --enable: not routable yet.
-    let (ok, _, err) = m.sql("acme", "select 1");
+    let (ok, _, err) = sql(&m, "acme", "select 1");
     assert!(!ok && err.contains("not available"), "{err}");
     m.ok(&["access", "enable", "acme"]);
-    assert!(m.sql("acme", "select 1").0);
+    assert!(sql(&m, "acme", "select 1").0);
 
     // Stop refuses new connections; start brings the tenant back.
     m.ok(&["tenant", "stop", "acme"]);
-    let (ok, _, err) = m.sql("acme", "select 1");
+    let (ok, _, err) = sql(&m, "acme", "select 1");
     assert!(!ok && err.contains("not available"), "{err}");
     // Left out of the maps on purpose: status says why instead of flagging drift, and an
     // access command points at `tenant start` instead of claiming it routes again.
@@ -235,9 +184,9 @@ fn provisioning_errors_are_clear_and_leave_the_file_alone() {
     assert!(status.contains("server stopped"), "{status}");
     let out = m.ok(&["access", "enable", "acme"]);
     assert!(out.contains("tenant start acme"), "{out}");
-    assert!(!m.sql("acme", "select 1").0);
+    assert!(!sql(&m, "acme", "select 1").0);
     m.ok(&["tenant", "start", "acme"]);
-    assert!(m.sql("acme", "select 1").0);
+    assert!(sql(&m, "acme", "select 1").0);
 }
 
 /// Two layouts that share a docker prefix by mistake: neither removes, nor takes over, the
@@ -279,7 +228,7 @@ fn layouts_that_share_a_prefix_leave_each_other_alone() {
     let inspect = docker(&["inspect", "-f", "{{.State.Running}}", &theirs]);
     assert_eq!(String::from_utf8_lossy(&inspect.stdout).trim(), "true");
     assert!(
-        m.sql("acme", "select 1").0,
+        sql(&m, "acme", "select 1").0,
         "the first layout's tenant still answers"
     );
 }

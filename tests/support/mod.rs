@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod docker;
 pub mod dockerd;
+pub mod managed;
 pub mod pg;
 pub mod proxy;
 pub mod stack;
