@@ -78,11 +78,16 @@ done
 case "$mode" in
 copy)
     if [ "$newrole" != "$role" ]; then
+        # The password travels in SQL text here: keep the statements out of the server's log.
         q postgres -U "$role" <<'SQL'
+SET log_statement = 'none';
+SET log_min_error_statement = 'panic';
 \set pw `head -n1 /run/secrets/pgs-new-password`
 CREATE ROLE pgs_restore_tmp SUPERUSER LOGIN PASSWORD :'pw';
 SQL
         PGPASSWORD="$(head -n1 /run/secrets/pgs-new-password)" q postgres -U pgs_restore_tmp -v old="$role" -v new="$newrole" <<'SQL'
+SET log_statement = 'none';
+SET log_min_error_statement = 'panic';
 \set pw `head -n1 /run/secrets/pgs-new-password`
 ALTER ROLE :"old" RENAME TO :"new";
 ALTER ROLE :"new" PASSWORD :'pw';
