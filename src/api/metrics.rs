@@ -208,7 +208,8 @@ pub fn parse_tables(body: &str) -> Vec<(String, u64, u64)> {
         .collect()
 }
 
-fn up_i64(v: i64) -> Gauge {
+/// A gauge holding `v`.
+fn gauge(v: i64) -> Gauge {
     let g: Gauge = Gauge::default();
     g.set(v);
     g
@@ -219,21 +220,16 @@ pub fn render(agent: &AgentMetrics, sample: &Sample) -> Result<String, std::fmt:
     let mut r = Registry::with_prefix("pgs");
     agent.register(&mut r);
 
-    let up = |b: bool| {
-        let g: Gauge = Gauge::default();
-        g.set(b as i64);
-        g
-    };
     r.register(
         "haproxy_up",
         "Whether HAProxy's Runtime API answered this scrape",
-        up(sample.haproxy_up),
+        gauge(sample.haproxy_up as i64),
     );
     if let Some(d) = sample.docker_up {
         r.register(
             "docker_up",
             "Whether the Docker engine answered this scrape",
-            up(d),
+            gauge(d as i64),
         );
     }
 
@@ -366,7 +362,7 @@ pub fn render(agent: &AgentMetrics, sample: &Sample) -> Result<String, std::fmt:
     r.register(
         "failed_startups_threshold",
         "Failed startups one client address may have per window before it is refused for a while",
-        up_i64(i64::from(sample.failed_startups_threshold)),
+        gauge(i64::from(sample.failed_startups_threshold)),
     );
     if let Some(tables) = &sample.tables {
         let size: Family<Labels, Gauge> = Family::default();

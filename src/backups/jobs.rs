@@ -14,7 +14,7 @@ use bollard::query_parameters::{
 };
 use futures_util::StreamExt;
 
-use crate::instances::docker::{ownership_labels, pgbackrest_env, DockerDriver, REPO_DIR};
+use crate::instances::docker::{bind, ownership_labels, pgbackrest_env, DockerDriver, REPO_DIR};
 use crate::tenants::TenantId;
 
 /// On job containers: what the job does (`backup`, `restore`, `verify`, ...).
@@ -75,16 +75,6 @@ pub fn job_name(driver: &DockerDriver, id: &TenantId) -> String {
     format!("{}-job", driver.container_name(id))
 }
 
-fn bind(source: PathBuf, target: &str, read_only: bool) -> Mount {
-    Mount {
-        typ: Some(MountType::BIND),
-        source: Some(source.to_string_lossy().into_owned()),
-        target: Some(target.to_owned()),
-        read_only: Some(read_only),
-        ..Default::default()
-    }
-}
-
 /// Runs the job to its end; returns its output (stdout and stderr), or why it failed.
 pub async fn run(driver: &DockerDriver, job: &Job) -> Result<String, JobError> {
     let docker = driver.engine();
@@ -124,22 +114,22 @@ pub async fn run(driver: &DockerDriver, job: &Job) -> Result<String, JobError> {
             target: Some(DATA_DIR.to_owned()),
             ..Default::default()
         },
-        bind(paths.tenant_repository(&job.stanza), REPO_DIR, false),
+        bind(&paths.tenant_repository(&job.stanza), REPO_DIR, false),
         bind(
-            paths.tenant_password_file(&job.stanza),
+            &paths.tenant_password_file(&job.stanza),
             PASSWORD_MOUNT,
             true,
         ),
     ];
     if job.socket {
         mounts.push(bind(
-            paths.tenant_socket_dir(&job.tenant),
+            &paths.tenant_socket_dir(&job.tenant),
             SOCKET_DIR,
             false,
         ));
     }
     if let Some(p) = &job.new_password {
-        mounts.push(bind(p.clone(), NEW_PASSWORD_MOUNT, true));
+        mounts.push(bind(p, NEW_PASSWORD_MOUNT, true));
     }
     let (prefix, layout) = driver.owner();
     let mut labels: HashMap<String, String> = ownership_labels(prefix, layout, &job.tenant);

@@ -561,16 +561,7 @@ impl DockerDriver {
     async fn create_volume(&self, id: &TenantId) -> Result<(), DriverError> {
         let name = self.volume_name(id);
         tracing::info!(tenant = %id, "creating volume {name}");
-        let request = VolumeCreateRequest {
-            name: Some(name.clone()),
-            labels: Some(ownership_labels(&self.settings.prefix, &self.layout, id)),
-            ..Default::default()
-        };
-        self.docker
-            .create_volume(request)
-            .await
-            .map(drop)
-            .map_err(|e| self.engine_err(id, &format!("creating volume {name}"), e))
+        self.create_named_volume(id, &name, &[]).await
     }
 
     async fn create_container(
@@ -1285,7 +1276,8 @@ pub fn archive_command() -> String {
     )
 }
 
-fn bind(source: &Path, target: &str, read_only: bool) -> Mount {
+/// A bind mount of a host path (also the backup jobs' mounts).
+pub(crate) fn bind(source: &Path, target: &str, read_only: bool) -> Mount {
     Mount {
         typ: Some(MountType::BIND),
         source: Some(source.to_string_lossy().into_owned()),
