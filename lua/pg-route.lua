@@ -72,6 +72,14 @@ Actions (use in a `mode tcp` frontend with `tcp-request inspect-delay`):
       enumeration.  sni_mismatch: the TLS server name is in the tenant domain
       but names another tenant (28000); checked before any map lookup.
 
+  tcp-request content lua.pgs_wake <agent socket> <timeout ms>   (tenant backends)
+      For a tenant in the asleep map: holds the client (its startup packet
+      stays buffered) while the agent starts the server, then routing goes
+      on (txn.pgs_woke).  Failure, the agent's deadline, or no agent at all:
+      FATAL 57P03 "the database system is starting up", logged as
+      wake_<reason> (not_allowed, start_failed, timeout, agent_unreachable,
+      agent_error).  The backend's inspect-delay exceeds the timeout.
+
 Variables:
   txn.pgs_tenant  validated tenant (only set when the startup is acceptable).
   txn.pgs_role    the role the server sees (the tenant itself without a dot).
@@ -122,6 +130,7 @@ local VAR_VIA      = "txn.pgs_via"
 local VAR_HINT_TLS = "txn.pgs_hint_tls"
 local VAR_CANCEL   = "txn.pgs_cancel_key"   -- a CancelRequest's key
 local VAR_ISSUED   = "txn.pgs_issued_key"   -- the key a server's BackendKeyData issued
+local VAR_WOKE     = "txn.pgs_woke"         -- the agent woke this tenant's server
 
 local MODES = { plain = true, optional = true, required = true, inside = true }
 
@@ -489,6 +498,47 @@ local function pgs_capture(txn)
 end
 
 ---------------------------------------------------------------------------
+-- pgs_wake <agent socket> <timeout ms> (backends of managed tenants)
+---------------------------------------------------------------------------
+
+local MSG_STARTING_UP = "the database system is starting up"
+
+-- Asks the agent on its local wake socket to start the tenant's server and
+-- waits (yields) for the answer: the agent replies once the server accepts
+-- logins, or with why not by its own deadline; `timeout_ms` is a backstop
+-- past that deadline.
+local function ask_agent(socket, tenant, timeout_ms)
+    local client = core.httpclient()
+    return client:post{ url = "http://pgs-agent/wake/" .. tenant,
+                        dst = "unix@" .. socket, timeout = timeout_ms,
+                        body = "" }
+end
+
+-- The cfg calls this for a tenant in the asleep map; the client's startup
+-- packet stays buffered meanwhile.  Woken: sets txn.pgs_woke and routing
+-- continues to the server.  Otherwise the client gets 57P03 FATAL (drivers
+-- retry on it), and the log says why (wake_<reason>).
+local function pgs_wake(txn, socket, timeout)
+    local tenant = txn:get_var(VAR_TENANT)
+    if not wire.is_valid_tenant(tenant) then
+        return          -- cannot happen behind pgs_route; the cfg rejects
+    end
+    local ok, response = pcall(ask_agent, socket, tenant, tonumber(timeout))
+    local outcome = wire.wake_outcome(ok and response or nil)
+    if outcome.woke then
+        txn:set_var(VAR_WOKE, 1)
+        txn:log(core.info, "pgs: woke tenant=" .. tenant .. " " .. outcome.detail)
+        return
+    end
+    local detail = outcome.detail
+    if not ok then
+        detail = "error=" .. wire.quote_for_log(tostring(response))
+    end
+    return refuse(txn, wire.refusal("wake_" .. outcome.reason,
+        wire.SQLSTATE_CANNOT_CONNECT_NOW, MSG_STARTING_UP, tenant, detail))
+end
+
+---------------------------------------------------------------------------
 -- Stats socket commands
 ---------------------------------------------------------------------------
 
@@ -516,3 +566,4 @@ core.register_cli({ "pgs", "show", "negotiations" },
 core.register_action("pgs_route", { "tcp-req" }, pgs_route, 1)
 core.register_action("pgs_refuse", { "tcp-req" }, pgs_refuse, 1)
 core.register_action("pgs_capture", { "tcp-res" }, pgs_capture, 0)
+core.register_action("pgs_wake", { "tcp-req" }, pgs_wake, 2)

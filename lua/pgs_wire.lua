@@ -32,6 +32,7 @@ M.TLS_HANDSHAKE_BYTE  = 0x16
 M.SQLSTATE_PROTOCOL_VIOLATION = "08P01"
 M.SQLSTATE_INVALID_AUTH_SPEC  = "28000"
 M.SQLSTATE_INTERNAL_ERROR     = "XX000"
+M.SQLSTATE_CANNOT_CONNECT_NOW = "57P03"
 
 -- Tenant names: lowercase, 1..63 chars (PostgreSQL NAMEDATALEN - 1).
 local TENANT_PATTERN    = "^[a-z][a-z0-9_]*$"
@@ -260,6 +261,34 @@ function M.startup_target(message)
         end
     end
     return target
+end
+
+-- The agent's answer to a wake (core.httpclient's response table, or nil
+-- when the call failed): woke (boolean), reason (for the log: the first
+-- word of a refusal's body, agent_unreachable when nothing came back or
+-- HAProxy answered for it, agent_error for an answer that is not the
+-- agent's), detail (the rest of
+-- the body, quoted for the log).
+local WAKE_REASONS = { not_allowed = true, start_failed = true, timeout = true }
+
+function M.wake_outcome(response)
+    if type(response) ~= "table" or type(response.status) ~= "number"
+       or response.status == 0 then
+        return { woke = false, reason = "agent_unreachable" }
+    end
+    local body = type(response.body) == "string" and response.body or ""
+    if response.status == 200 and body:sub(1, 5) == "awake" then
+        return { woke = true, detail = M.quote_for_log(body:gsub("%s+$", "")) }
+    end
+    local word, rest = body:match("^(%S+)%s*(.-)%s*$")
+    if response.status == 503 and WAKE_REASONS[word] then
+        return { woke = false, reason = word, detail = M.quote_for_log(rest) }
+    end
+    -- HAProxy's own 503 when nothing listens on the socket; anything else
+    -- is not an answer the agent gives.
+    local reason = response.status == 503 and "agent_unreachable" or "agent_error"
+    return { woke = false, reason = reason,
+             detail = "status=" .. tostring(response.status) }
 end
 
 return M

@@ -301,6 +301,19 @@ pub enum TenantCommand {
         #[arg(long)]
         purge_old: bool,
     },
+    /// Put the tenant's server to sleep now (PostgreSQL stops, its container stays up; the
+    /// next client wakes it). Refused while a client session is open. With backups on, the
+    /// last WAL is archived first. Idle tenants sleep by themselves with an "idle_timeout".
+    Sleep {
+        /// Tenant id.
+        id: TenantId,
+    },
+    /// Wake a sleeping tenant's server now and wait until it accepts logins (a client's first
+    /// connection does the same by itself).
+    Wake {
+        /// Tenant id.
+        id: TenantId,
+    },
 }
 
 /// How `tenant credentials` prints a tenant's connection details.

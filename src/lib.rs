@@ -41,6 +41,7 @@ pub mod plan;
 pub mod reconcile;
 pub mod roles;
 pub mod settings;
+pub mod sleep;
 pub mod tenant_ops;
 pub mod tenants;
 pub mod tls;

@@ -217,6 +217,69 @@ impl Session {
             .collect())
     }
 
+    /// Client sessions other than this one (a backup job's, a session through an old HAProxy
+    /// worker that a fresh worker's counters do not see).
+    pub async fn other_sessions(&self) -> Result<i64, SqlError> {
+        let row = self
+            .client
+            .query_one(
+                "select count(*) from pg_stat_activity \
+                 where backend_type = 'client backend' and pid <> pg_backend_pid()",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// With WAL archiving on, closes the current WAL segment and waits until it is archived
+    /// (at most `timeout`), so a stop loses nothing the repository does not hold. Returns the
+    /// segment, or `None` when archiving is off.
+    pub async fn archive_current_wal(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<Option<String>, SqlError> {
+        let on: String = self
+            .client
+            .query_one("select current_setting('archive_mode')", &[])
+            .await?
+            .get(0);
+        if on != "on" && on != "always" {
+            return Ok(None);
+        }
+        let segment: String = self
+            .client
+            .query_one("select pg_walfile_name(pg_switch_wal())", &[])
+            .await?
+            .get(0);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let row = self
+                .client
+                .query_one(
+                    "select coalesce(last_archived_wal, ''), failed_count, \
+                            coalesce(last_failed_wal, '') from pg_stat_archiver",
+                    &[],
+                )
+                .await?;
+            let last: String = row.get(0);
+            if last.as_str() >= segment.as_str() {
+                return Ok(Some(segment));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let failed: i64 = row.get(1);
+                let last_failed: String = row.get(2);
+                return Err(SqlError {
+                    message: format!(
+                        "WAL segment {segment} was not archived within {timeout:?} (archiving \
+                         failed {failed} times, last {last_failed:?})"
+                    ),
+                    code: None,
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Creates a login role marked as pgs's, with `password` (sent as a verifier).
     pub async fn create_role(&self, name: &str, password: &str) -> Result<(), SqlError> {
         let verifier = scram_verifier(password);

@@ -28,6 +28,9 @@ pub struct Observed {
     pub runtime_access: Option<BTreeMap<String, String>>,
     /// `show map` of the backends map in the running HAProxy.
     pub runtime_backends: Option<BTreeMap<String, String>>,
+    /// Managed tenants asleep or waking (the asleep map file): their server is meant to be
+    /// down, so it is neither started nor checked here (a client's wake starts it).
+    pub asleep: BTreeSet<TenantId>,
 }
 
 /// What the rendered files would be for the desired state (computed by the caller, since
@@ -194,6 +197,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                     tenant: t.id.clone(),
                     spec: spec.clone(),
                 },
+                Some(_) if observed.asleep.contains(&t.id) => continue,
                 Some(o) if o.state != Some(RunState::Running) => InstanceStep::Start {
                     tenant: t.id.clone(),
                     spec: spec.clone(),
@@ -459,6 +463,38 @@ mod tests {
         ));
         assert!(matches!(by_tenant["missing"], InstanceStep::Create { .. }));
         assert_eq!(p.instances.len(), 5);
+    }
+
+    #[test]
+    fn sleeping_servers_are_neither_started_nor_awaited_but_still_replaced() {
+        let spec = ManagedSpec::default();
+        let other = ManagedSpec {
+            max_connections: Some(50),
+            ..ManagedSpec::default()
+        };
+        let t = tenants(json!({
+            "light": {"managed": {}}, "deep": {"managed": {}}, "drifted": {"managed": {}}}));
+        let d = desired(&t, "cfg");
+        let mut o = converged(
+            &d,
+            vec![
+                running("light", spec.clone(), RunState::Running),
+                running("deep", spec.clone(), RunState::Stopped),
+                running("drifted", other, RunState::Stopped),
+            ],
+        );
+        // A new backend for each: awake servers would be checked before routing.
+        o.runtime_backends = Some(BTreeMap::new());
+        o.asleep = ["light", "deep", "drifted"].into_iter().map(id).collect();
+        let p = plan(&d, &o);
+        assert_eq!(p.instances.len(), 1, "{:?}", p.instances);
+        assert!(
+            matches!(&p.instances[0], InstanceStep::Replace { tenant, .. } if tenant.as_str() == "drifted")
+        );
+        // Awake, the same servers are started and awaited.
+        o.asleep.clear();
+        let p = plan(&d, &o);
+        assert_eq!(p.instances.len(), 3, "{:?}", p.instances);
     }
 
     #[test]

@@ -245,6 +245,7 @@ pub async fn observe<D: InstanceDriver>(
 ) -> anyhow::Result<Observed> {
     let mut o = Observed {
         config_on_disk: std::fs::read_to_string(&agent.paths.haproxy_cfg).ok(),
+        asleep: crate::sleep::states_on_file(agent).into_keys().collect(),
         ..Observed::default()
     };
     if let Some(d) = driver {
@@ -502,9 +503,11 @@ async fn sync_roles<D: InstanceDriver>(
     report: &mut Report,
 ) {
     for t in tenants.iter() {
+        // A sleeping server gets its roles at the first pass after it woke.
         if !matches!(t.instance, Instance::Managed(_))
             || t.stopped
             || failed.contains(&t.id)
+            || (observed.asleep.contains(&t.id) && !started_now_by(plan, &t.id))
             || !roles::needs_sync(&agent.paths, &t.id, &t.roles)
         {
             continue;
@@ -535,6 +538,16 @@ async fn sync_roles<D: InstanceDriver>(
             report.problem(ProblemKind::Roles, e);
         }
     }
+}
+
+fn started_now_by(plan: &Plan, id: &TenantId) -> bool {
+    plan.instances.iter().any(|s| {
+        s.tenant() == id
+            && matches!(
+                s,
+                InstanceStep::Create { .. } | InstanceStep::Replace { .. }
+            )
+    })
 }
 
 /// Keeps HAProxy's certificates equal to the certificates directory. With HAProxy running, a

@@ -47,6 +47,70 @@ pub struct Settings {
     /// TLS to clients, terminated by HAProxy; absent means plaintext only (SSLRequest → 'N').
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSettings>,
+    #[serde(default)]
+    pub sleep: SleepSettings,
+}
+
+/// Sleep and wake of idle managed tenants: when a server stops, how a client waits for it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SleepSettings {
+    /// A managed tenant with no client session for this long is put to sleep ("15m"); a
+    /// tenant's `"idle_timeout"` overrides it. Empty: tenants sleep only when their entry says.
+    #[serde(default)]
+    pub idle_timeout: String,
+    /// How long a client of a sleeping tenant waits for its server; past it the client gets
+    /// 57P03 ("the database system is starting up"), which drivers retry on.
+    #[serde(default = "d_wake_timeout")]
+    pub wake_timeout: String,
+    /// How often HAProxy's session counts are read to find idle tenants.
+    #[serde(default = "d_check_every")]
+    pub check_every: String,
+    /// A tenant asleep this long also has its container stopped: no memory at all, and a wake
+    /// then takes a container start (~0.5 s more).
+    #[serde(default = "d_deep_after")]
+    pub deep_after: String,
+    /// Most sleeping tenants whose container stays up (~6 MiB each); the longest asleep beyond
+    /// it have their container stopped.
+    #[serde(default = "d_max_light")]
+    pub max_light: u32,
+}
+
+fn d_wake_timeout() -> String {
+    "10s".into()
+}
+fn d_check_every() -> String {
+    "5s".into()
+}
+fn d_deep_after() -> String {
+    "30m".into()
+}
+fn d_max_light() -> u32 {
+    200
+}
+
+impl Default for SleepSettings {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+impl SleepSettings {
+    /// The default idle timeout in seconds, if tenants sleep by default.
+    pub fn idle_timeout_secs(&self) -> Option<u64> {
+        (!self.idle_timeout.is_empty())
+            .then(|| parse_interval(&self.idle_timeout).ok())
+            .flatten()
+    }
+    pub fn wake_timeout_secs(&self) -> u64 {
+        parse_interval(&self.wake_timeout).unwrap_or(10)
+    }
+    pub fn check_every_secs(&self) -> u64 {
+        parse_interval(&self.check_every).unwrap_or(5)
+    }
+    pub fn deep_after_secs(&self) -> u64 {
+        parse_interval(&self.deep_after).unwrap_or(1800)
+    }
 }
 
 /// What HAProxy counts and caps: sessions per tenant, failed startups and cancels per client
@@ -492,6 +556,20 @@ impl Settings {
         if b.archive_timeout_secs == 0 || b.archive_timeout_secs > 86_400 {
             bail!("backups.archive_timeout_secs must be from 1 to 86400");
         }
+        let z = &self.sleep;
+        for (name, v, may_be_empty) in [
+            ("sleep.idle_timeout", &z.idle_timeout, true),
+            ("sleep.wake_timeout", &z.wake_timeout, false),
+            ("sleep.check_every", &z.check_every, false),
+            ("sleep.deep_after", &z.deep_after, false),
+        ] {
+            if !(may_be_empty && v.is_empty()) {
+                parse_interval(v).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            }
+        }
+        if z.wake_timeout_secs() > 300 {
+            bail!("sleep.wake_timeout must be at most 5m");
+        }
         for (key, v) in [
             ("limits.cancel_keys", self.limits.cancel_keys),
             ("limits.sources", self.limits.sources),
@@ -528,7 +606,7 @@ impl Settings {
             }
         };
         section("", table, &mut out);
-        for name in ["haproxy", "docker", "api", "limits", "backups"] {
+        for name in ["haproxy", "docker", "api", "limits", "backups", "sleep"] {
             let t = table.get(name).and_then(|v| v.as_table()).cloned();
             section(name, &t.unwrap_or_default(), &mut out);
         }
@@ -597,6 +675,11 @@ const SETTING_DOCS: &[(&str, &str, &str, &str)] = &[
     ("backups", "keep_days", "Keep full backups by age (days) instead of by count.", "14"),
     ("backups", "verify_every", "`pgbackrest verify` of each repository at least this often.", ""),
     ("backups", "restore_test_every", "Restore the latest backup into a scratch volume and check it at least this often.", ""),
+    ("sleep", "idle_timeout", "Managed tenants with no client session for this long sleep (their server stops; the next client wakes it); a tenant's \"idle_timeout\" overrides it. Unset: only tenants whose entry says.", "\"15m\""),
+    ("sleep", "wake_timeout", "How long a client of a sleeping tenant is held while its server starts; past it the client gets 57P03 (drivers retry).", ""),
+    ("sleep", "check_every", "How often HAProxy's session counts are read to find idle tenants.", ""),
+    ("sleep", "deep_after", "A tenant asleep this long also has its container stopped (no memory; a wake then takes ~0.5 s more).", ""),
+    ("sleep", "max_light", "Most sleeping tenants whose container stays up (~6 MiB each, fast wake); beyond it the longest asleep have their container stopped.", ""),
     ("tls", "certificates", "Directory of PEM files (chain and key in one file), all served; the first alphabetically is the default without SNI. Renewed files are picked up without a reload.", ""),
     ("tls", "mode", "\"optional\": plaintext and TLS clients; \"required\": plaintext startups are refused with a FATAL that says to use TLS.", ""),
     ("tls", "domain", "Tenant domain: an SNI ending in .DOMAIN must name the user's tenant in its first label (acme.DOMAIN); SNI is never required.", "\"db.example.com\""),
@@ -711,6 +794,12 @@ pub struct Paths {
     pub tls_socket: PathBuf,
     /// Internal TLS listener for direct TLS (PostgreSQL 17+, ALPN `postgresql`) (mode 600).
     pub tls_direct_socket: PathBuf,
+    /// The agent's local wake endpoint, which HAProxy calls for a client of a sleeping tenant
+    /// (mode 600).
+    pub wake_socket: PathBuf,
+    /// Sleeping tenants (`tenant asleep|waking`); written by the agent alone, read by
+    /// HAProxy's tenant backends, which hold a client there until the agent woke the server.
+    pub asleep_map: PathBuf,
 }
 
 impl Paths {
@@ -766,6 +855,8 @@ impl Paths {
             state_dir: at(&s.state_dir),
             tls_socket: run_dir.join("tls.sock"),
             tls_direct_socket: run_dir.join("tls-direct.sock"),
+            wake_socket: run_dir.join("wake.sock"),
+            asleep_map: maps_dir.join("asleep.map"),
             maps_dir,
             haproxy_dir,
             run_dir,
@@ -821,6 +912,7 @@ impl Paths {
             backends_map: maps_dir.join("backends.map"),
             access_map: maps_dir.join("access.map"),
             servers_map: maps_dir.join("servers.map"),
+            asleep_map: maps_dir.join("asleep.map"),
             lua: dir.join("pg-route.lua"),
             lua_wire: dir.join("pgs_wire.lua"),
             tls_served_dir: dir.join("tls"),

@@ -67,6 +67,10 @@ pub struct View {
     pub server: Option<ObservedInstance>,
     /// Access in the running HAProxy (None when it is not running).
     pub haproxy_access: Option<Access>,
+    /// `awake`, `waking` or `asleep` (managed tenants).
+    pub sleep: Option<crate::sleep::SleepState>,
+    /// How an asleep tenant sleeps: `light` (server stopped) or `deep` (container stopped too).
+    pub sleep_depth: Option<crate::sleep::Depth>,
 }
 
 /// Every tenant of the file with what Docker (when `docker` is given and answers) and the
@@ -78,6 +82,7 @@ pub async fn views(agent: &Agent, docker: Option<&DockerDriver>) -> anyhow::Resu
         None => None,
     };
     let status = access::status(agent, None).await?;
+    let sleeping = crate::sleep::states_on_file(agent);
     Ok(tenants
         .iter()
         .map(|t: &Tenant| View {
@@ -101,6 +106,15 @@ pub async fn views(agent: &Agent, docker: Option<&DockerDriver>) -> anyhow::Resu
                 .iter()
                 .find(|s| s.tenant == t.id)
                 .and_then(|s| s.runtime),
+            sleep: matches!(t.instance, Instance::Managed(_)).then(|| {
+                sleeping
+                    .get(&t.id)
+                    .map_or(crate::sleep::SleepState::Awake, |s| s.0)
+            }),
+            sleep_depth: sleeping
+                .get(&t.id)
+                .filter(|s| s.0 == crate::sleep::SleepState::Asleep)
+                .map(|s| s.1),
         })
         .collect())
 }

@@ -274,6 +274,18 @@ pub struct Tenant {
     pub roles: BTreeMap<String, RoleSpec>,
     /// Backups of a managed tenant (enabled unless the file says otherwise).
     pub backups: BackupPolicy,
+    /// When a managed tenant without client sessions sleeps (`"idle_timeout"`); `None`: the
+    /// settings' `[sleep] idle_timeout`.
+    pub idle_timeout: Option<IdleTimeout>,
+}
+
+/// A tenant's `"idle_timeout"`: seconds without a client session before its server sleeps, or
+/// `"never"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdleTimeout {
+    Never,
+    Secs(u64),
 }
 
 /// One extra role of a managed tenant (`managed.roles.<name>` in the tenants file).
@@ -300,6 +312,19 @@ impl Tenant {
     /// Whether new connections may be routed to it: access enabled and not stopped.
     pub fn routable(&self) -> bool {
         self.access == Access::Enabled && !self.stopped
+    }
+
+    /// Seconds without a client session before this tenant's server sleeps, given the
+    /// settings' default; `None`: it never sleeps by itself (external, stopped, or off).
+    pub fn idle_timeout_secs(&self, default: Option<u64>) -> Option<u64> {
+        if !matches!(self.instance, Instance::Managed(_)) || self.stopped {
+            return None;
+        }
+        match self.idle_timeout {
+            Some(IdleTimeout::Never) => None,
+            Some(IdleTimeout::Secs(s)) => Some(s),
+            None => default,
+        }
     }
 }
 
@@ -431,6 +456,7 @@ pub fn validate(doc: &Value) -> Result<Tenants, Vec<Problem>> {
                                 stopped: f.stopped,
                                 tls: f.tls,
                                 connection_limit: f.connection_limit,
+                                idle_timeout: f.idle_timeout,
                                 roles: f.roles,
                                 backups: f.backups,
                             },
@@ -456,6 +482,7 @@ struct TenantFields {
     connection_limit: Option<u32>,
     roles: BTreeMap<String, RoleSpec>,
     backups: BackupPolicy,
+    idle_timeout: Option<IdleTimeout>,
 }
 
 #[derive(Default)]
@@ -513,8 +540,34 @@ impl Validator {
                 "tls",
                 "connection_limit",
                 "backups",
+                "idle_timeout",
             ],
         );
+        let idle_timeout = match obj.get("idle_timeout") {
+            None => Some(None),
+            Some(_) if !obj.contains_key("managed") => {
+                self.problem(
+                    &join(place, "idle_timeout"),
+                    "only a managed tenant sleeps; pgs does not run an external server",
+                );
+                None
+            }
+            Some(Value::String(s)) if s == "never" => Some(Some(IdleTimeout::Never)),
+            Some(Value::String(s)) => match crate::settings::parse_interval(s) {
+                Ok(secs) => Some(Some(IdleTimeout::Secs(secs))),
+                Err(e) => {
+                    self.problem(&join(place, "idle_timeout"), format!("{e}, or \"never\""));
+                    None
+                }
+            },
+            Some(other) => {
+                self.problem(
+                    &join(place, "idle_timeout"),
+                    format!("expected an interval like \"15m\" or \"never\", found {other}"),
+                );
+                None
+            }
+        };
         let backups = match obj.get("backups") {
             None => Some(BackupPolicy {
                 enabled: obj.contains_key("managed"),
@@ -620,6 +673,7 @@ impl Validator {
             connection_limit: limit?,
             roles: roles?,
             backups,
+            idle_timeout: idle_timeout?,
         })
     }
 

@@ -107,4 +107,32 @@ test("an ErrorResponse's SQLSTATE is found", function()
     eq(wire.error_code("Sxx"), nil)
 end)
 
+test("the agent's answer to a wake says whether and why not", function()
+    local o = wire.wake_outcome({ status = 200, body = "awake queued_ms=0 total_ms=140\n" })
+    eq(o.woke, true)
+    eq(o.detail, '"awake\\x20queued_ms=0\\x20total_ms=140"', "detail is quoted")
+    o = wire.wake_outcome({ status = 503, body = "timeout the server did not accept logins\n" })
+    eq(o.woke, false)
+    eq(o.reason, "timeout")
+    eq(wire.wake_outcome({ status = 503, body = "start_failed no container" }).reason, "start_failed")
+    eq(wire.wake_outcome({ status = 503, body = "not_allowed acme is disabled" }).reason, "not_allowed")
+    -- Anything else is not the agent speaking: never trust it.
+    eq(wire.wake_outcome({ status = 200, body = "hello" }).reason, "agent_error")
+    eq(wire.wake_outcome({ status = 502, body = "" }).reason, "agent_error")
+    eq(wire.wake_outcome({ status = 404, body = "" }).reason, "agent_error")
+    -- HAProxy's own 503 when nothing listens on the wake socket.
+    eq(wire.wake_outcome({ status = 503, body = "<html>503 Service Unavailable" }).reason,
+       "agent_unreachable")
+    -- No answer at all (no socket, timeout): core.httpclient gives status 0 or nothing.
+    eq(wire.wake_outcome(nil).reason, "agent_unreachable")
+    eq(wire.wake_outcome({ status = 0 }).reason, "agent_unreachable")
+    eq(wire.wake_outcome({}).reason, "agent_unreachable")
+end)
+
+test("57P03 is what a client of a server that cannot start yet gets", function()
+    local e = wire.error_response(wire.SQLSTATE_CANNOT_CONNECT_NOW,
+                                  "the database system is starting up")
+    eq(wire.error_code(e), "57P03")
+end)
+
 H.finish()

@@ -40,6 +40,8 @@ pub use server::Listener;
 pub struct State {
     agent: Agent,
     docker: Option<DockerDriver>,
+    /// Sleep and wake of managed tenants (with a Docker engine).
+    sleeper: Option<Arc<crate::sleep::Sleeper>>,
     pokes: mpsc::Sender<Poke>,
     passes: passes::PassLog,
     metrics: metrics::AgentMetrics,
@@ -61,6 +63,7 @@ pub struct Api {
 pub async fn start(
     agent: &Agent,
     docker: Option<DockerDriver>,
+    sleeper: Option<Arc<crate::sleep::Sleeper>>,
     pokes: mpsc::Sender<Poke>,
 ) -> anyhow::Result<Api> {
     let (stop, stop_rx) = watch::channel(false);
@@ -83,6 +86,7 @@ pub async fn start(
     let state = Arc::new(State {
         agent: agent.clone(),
         docker,
+        sleeper,
         pokes,
         passes: passes::PassLog::new(),
         metrics: metrics::AgentMetrics::default(),

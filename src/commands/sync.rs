@@ -1,6 +1,7 @@
 //! `plan`, `sync` and `run`: the reconciler from the command line.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -191,8 +192,21 @@ pub async fn run(agent: &Agent, resync: u64) -> anyhow::Result<ExitCode> {
     if d.is_none() {
         warn!("no Docker engine: managed tenants cannot be served until one answers");
     }
+    // Sleep and wake: the wake socket HAProxy's tenant backends call, and the idle passes.
+    let sleeper = d
+        .clone()
+        .map(|d| Arc::new(crate::sleep::Sleeper::new(agent, d)));
+    let mut sleep_tasks = Vec::new();
+    if let Some(s) = &sleeper {
+        let listener = crate::sleep::local::bind(&agent.paths.wake_socket)?;
+        sleep_tasks.push(tokio::spawn(crate::sleep::local::serve(
+            listener,
+            Arc::clone(s),
+        )));
+        sleep_tasks.push(tokio::spawn(Arc::clone(s).run_idle_passes()));
+    }
     // Bound before the first pass, so a taken address fails here; served beside the loop.
-    let api = crate::api::start(agent, d.clone(), tx.clone()).await?;
+    let api = crate::api::start(agent, d.clone(), sleeper.clone(), tx.clone()).await?;
     // Scheduled backups, verifies and restore tests, one job at a time, beside the loop.
     let backups = d
         .clone()
@@ -202,6 +216,9 @@ pub async fn run(agent: &Agent, resync: u64) -> anyhow::Result<ExitCode> {
     })
     .await;
     if let Some(task) = backups {
+        task.abort();
+    }
+    for task in sleep_tasks {
         task.abort();
     }
     api.stop().await;

@@ -1,7 +1,8 @@
-//! `tenant create|delete|start|stop|list|show|credentials`: edit the tenants file, then run
+//! `tenant create|delete|start|stop|sleep|wake|list|show|credentials`: edit the tenants file, then run
 //! the same reconcile pass as `sync`, so the CLI and the daemon can never disagree on order.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Map, Value};
@@ -46,6 +47,8 @@ pub async fn run(agent: &Agent, cmd: TenantCommand) -> anyhow::Result<ExitCode> 
         TenantCommand::Verify { id } => backups::verify(agent, &id).await,
         TenantCommand::RestoreTest { id } => backups::restore_test(agent, &id).await,
         TenantCommand::Volumes { id, purge_old } => backups::volumes(agent, &id, purge_old).await,
+        TenantCommand::Sleep { id } => sleep_or_wake(agent, &id, "sleep").await,
+        TenantCommand::Wake { id } => sleep_or_wake(agent, &id, "wake").await,
     }
 }
 
@@ -260,6 +263,64 @@ async fn docker_for_views(agent: &Agent) -> Option<DockerDriver> {
     }
 }
 
+/// `tenant sleep|wake`: asks the running agent on its wake socket (it owns the sleep states);
+/// without one, does it here.
+async fn sleep_or_wake(agent: &Agent, id: &TenantId, verb: &str) -> anyhow::Result<ExitCode> {
+    let t = tenants::load(&agent.paths.tenants_file)?;
+    let Some(tenant) = t.get(id) else {
+        bail!(
+            "no tenant \"{id}\" in {}",
+            agent.paths.tenants_file.display()
+        );
+    };
+    if !matches!(tenant.instance, Instance::Managed(_)) {
+        bail!("{id} is an external tenant: pgs does not run its server");
+    }
+    let wait = Duration::from_secs(agent.settings.sleep.wake_timeout_secs() + 60);
+    match crate::sleep::local::ask(&agent.paths.wake_socket, verb, id, wait).await {
+        Ok((200, text)) => {
+            println!("{id}: {text}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        Ok((_, text)) => bail!("{id}: {verb} refused: {text}"),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) => {}
+        Err(e) => bail!(
+            "{id}: the agent on {} did not answer: {e}",
+            agent.paths.wake_socket.display()
+        ),
+    }
+    // No agent serves the layout: nothing else changes sleep states now.
+    let docker = require_docker(agent).await?;
+    let sleeper = crate::sleep::Sleeper::new(agent, docker);
+    if verb == "wake" {
+        let t = sleeper.wake(id).await?;
+        if t.started {
+            println!(
+                "{id}: awake after {} ms (start {} ms, ready {} ms)",
+                t.total_ms, t.start_ms, t.ready_ms
+            );
+        } else {
+            println!("{id}: awake");
+        }
+    } else {
+        let depth = sleeper
+            .sleep(id)
+            .await
+            .map_err(|e| anyhow!("{id}: not put to sleep: {e}"))?;
+        println!("{id}: asleep {}", crate::sleep::local::depth_word(depth));
+        eprintln!(
+            "note: no `{} run` serves this layout, so nothing wakes it on a client's connection \
+             (clients get 57P03); `tenant wake {id}` does",
+            agent.cli()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn list(agent: &Agent, json: bool) -> anyhow::Result<ExitCode> {
     let docker = docker_for_views(agent).await;
     let views = views(agent, docker.as_ref()).await?;
@@ -268,16 +329,17 @@ async fn list(agent: &Agent, json: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<24} {:<9} {:<9} {:<13} ADDRESS",
-        "TENANT", "KIND", "ACCESS", "SERVER"
+        "{:<24} {:<9} {:<9} {:<13} {:<7} ADDRESS",
+        "TENANT", "KIND", "ACCESS", "SERVER", "SLEEP"
     );
     for v in &views {
         println!(
-            "{:<24} {:<9} {:<9} {:<13} {}",
+            "{:<24} {:<9} {:<9} {:<13} {:<7} {}",
             v.id.as_str(),
             v.kind,
             v.access.as_str(),
             server_state(v, docker.is_some()),
+            v.sleep.map_or("-", |s| s.as_str()),
             v.address.as_deref().unwrap_or("-")
         );
     }
@@ -330,6 +392,17 @@ async fn show(agent: &Agent, id: &TenantId, json: bool) -> anyhow::Result<ExitCo
             ""
         }
     );
+    if let Some(state) = v.sleep {
+        println!(
+            "sleep     {}{}",
+            state.as_str(),
+            match v.sleep_depth {
+                Some(crate::sleep::Depth::Light) => " (server stopped, container up)",
+                Some(crate::sleep::Depth::Deep) => " (server and container stopped)",
+                None => "",
+            }
+        );
+    }
     println!("address   {}", v.address.as_deref().unwrap_or("-"));
     if let Some(s) = &v.server {
         println!("container {}", s.container.as_deref().unwrap_or("-"));

@@ -87,6 +87,19 @@ struct BackendBlock<'a> {
     /// Unique across backends: the cancel-key table stores it (see [`server_ids`]).
     server_id: u32,
     key_capture_timeout: &'static str,
+    /// A managed tenant's server may sleep: the backend holds its clients while the agent
+    /// wakes it.
+    wake: Option<WakeBlock>,
+}
+
+/// How a tenant backend holds a client of a sleeping tenant (`pgs_wake` in pg-route.lua).
+struct WakeBlock {
+    asleep_map: String,
+    socket: String,
+    /// The Lua's HTTP timeout for the agent's answer (ms): the agent's deadline plus a margin.
+    ask_timeout_ms: u64,
+    /// The backend's inspect-delay: longer still, so the Lua may wait for the whole answer.
+    hold: String,
 }
 
 /// How long a backend reads the server's first messages for its BackendKeyData: longer than
@@ -138,6 +151,15 @@ pub fn render(settings: &Settings, paths: &Paths, tenants: &Tenants) -> Rendered
                 connection_limit: (limit > 0).then_some(limit),
                 server_id: ids[&t.id],
                 key_capture_timeout: KEY_CAPTURE_TIMEOUT,
+                wake: matches!(t.instance, Instance::Managed(_)).then(|| {
+                    let wake_ms = settings.sleep.wake_timeout_secs() * 1000;
+                    WakeBlock {
+                        asleep_map: paths.asleep_map.display().to_string(),
+                        socket: paths.wake_socket.display().to_string(),
+                        ask_timeout_ms: wake_ms + 2000,
+                        hold: format!("{}ms", wake_ms + 3000),
+                    }
+                }),
             })
         })
         .collect();
@@ -273,6 +295,7 @@ pub struct Installed {
     pub servers_map: bool,
     pub lua: bool,
     pub certificates: bool,
+    pub asleep_map: bool,
 }
 
 impl Installed {
@@ -284,6 +307,15 @@ impl Installed {
             || self.lua
             || self.certificates
     }
+}
+
+/// Creates an empty file at `path` unless one exists; whether it did.
+fn create_if_missing(path: &Path) -> std::io::Result<bool> {
+    if path.exists() {
+        return Ok(false);
+    }
+    fsutil::write_atomic(path, b"", 0o644)?;
+    Ok(true)
 }
 
 /// Installs the router's Lua files; whether any changed.
@@ -306,6 +338,8 @@ pub fn install(paths: &Paths, r: &Rendered) -> std::io::Result<Installed> {
         access_map: fsutil::write_if_changed(&paths.access_map, r.access_map.as_bytes(), 0o644)?,
         servers_map: fsutil::write_if_changed(&paths.servers_map, r.servers_map.as_bytes(), 0o644)?,
         lua: install_lua(paths)?,
+        // The agent's own (who sleeps): only made when missing, never rewritten here.
+        asleep_map: create_if_missing(&paths.asleep_map)?,
         // Certificates that parse; `check` runs `haproxy -c` on the same before a live install.
         certificates: r.tls && crate::tls::install_served(&paths.tls_dir, &paths.tls_served_dir)?,
         cfg: fsutil::write_if_changed(&paths.haproxy_cfg, r.cfg.as_bytes(), 0o644)?,

@@ -284,6 +284,8 @@ pub enum Command {
     ShowInfo,
     /// `show stat` (CSV)
     ShowStat,
+    /// `show stat <backend> 2 -1`: one backend's own row (CSV), cheap with many backends.
+    ShowStatOf { backend: String },
     /// `show servers state` for every backend.
     ShowServersState,
     /// `show servers state <backend>`
@@ -438,6 +440,9 @@ impl Command {
             }
             Command::ShowInfo => "show info".to_string(),
             Command::ShowStat => "show stat".to_string(),
+            Command::ShowStatOf { backend } => {
+                format!("show stat {} 2 -1", check_name("backend", backend)?)
+            }
             Command::ShowServersState => "show servers state".to_string(),
             Command::ShowServersStateOf { backend } => {
                 format!("show servers state {}", check_name("backend", backend)?)
@@ -506,7 +511,7 @@ impl Command {
             Command::ShowMap { .. } | Command::ShowMapVersion { .. } => Expect::MapEntries,
             Command::PrepareMap { .. } => Expect::VersionCreated,
             Command::ShowInfo => Expect::Info,
-            Command::ShowStat => Expect::Stat,
+            Command::ShowStat | Command::ShowStatOf { .. } => Expect::Stat,
             Command::ShowServersState | Command::ShowServersStateOf { .. } => Expect::ServersState,
             Command::ShowPgsRefused => Expect::PgsRefused,
             Command::ShowPgsNegotiations => Expect::PgsNegotiations,
@@ -1158,6 +1163,13 @@ impl RuntimeApi {
         self.parsed(&Command::ShowStat, StatRow::parse_all).await
     }
 
+    pub async fn show_stat_of(&self, backend: &str) -> Result<Vec<StatRow>, RuntimeError> {
+        let cmd = Command::ShowStatOf {
+            backend: backend.to_owned(),
+        };
+        self.parsed(&cmd, StatRow::parse_all).await
+    }
+
     pub async fn show_servers_state(&self) -> Result<Vec<ServerState>, RuntimeError> {
         self.parsed(&Command::ShowServersState, ServerState::parse_all)
             .await
@@ -1548,6 +1560,12 @@ mod tests {
             ),
             (Command::ShowInfo, "show info"),
             (Command::ShowStat, "show stat"),
+            (
+                Command::ShowStatOf {
+                    backend: "pgs_acme".into(),
+                },
+                "show stat pgs_acme 2 -1",
+            ),
             (Command::ShowServersState, "show servers state"),
             (
                 Command::ShowServersStateOf {

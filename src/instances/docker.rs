@@ -621,6 +621,41 @@ impl DockerDriver {
         }
     }
 
+    /// Whether the tenant's container runs (`None`: there is none).
+    pub async fn container_state(&self, id: &TenantId) -> Result<Option<RunState>, DriverError> {
+        Ok(self.owned_container(id).await?.map(|c| {
+            run_state(
+                &c.state
+                    .and_then(|s| s.status)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+            )
+        }))
+    }
+
+    /// Tells the supervisor in the tenant's container (`PGS_SUPERVISE=1`, docker/entrypoint.sh)
+    /// to start (`SIGUSR1`) or stop (`SIGUSR2`) PostgreSQL; the container stays up.
+    pub async fn signal_server(&self, id: &TenantId, signal: &str) -> Result<(), DriverError> {
+        let name = self.container_name(id);
+        let options = bollard::query_parameters::KillContainerOptionsBuilder::new()
+            .signal(signal)
+            .build();
+        self.docker
+            .kill_container(&name, Some(options))
+            .await
+            .map_err(|e| self.engine_err(id, &format!("signalling container {name}"), e))
+    }
+
+    /// Starts the tenant's existing container (a deep-sleeping tenant's wake).
+    pub async fn start_existing(&self, id: &TenantId) -> Result<(), DriverError> {
+        self.start_container(id).await
+    }
+
+    /// Stops the tenant's container, keeping it (a tenant going into deep sleep).
+    pub async fn stop_existing(&self, id: &TenantId) -> Result<(), DriverError> {
+        self.stop_container(id).await
+    }
+
     /// The last lines the container wrote, with the password masked (it is never printed, but
     /// a log excerpt is shown to people, so make sure).
     async fn log_tail(&self, id: &TenantId) -> String {
@@ -1327,6 +1362,9 @@ fn container_body(bp: &Blueprint) -> ContainerCreateBody {
         format!("POSTGRES_USER={id}"),
         format!("POSTGRES_DB={id}"),
         format!("POSTGRES_PASSWORD_FILE={PASSWORD_MOUNT}"),
+        // The entrypoint keeps the container up while the server sleeps (signals, see
+        // `DockerDriver::signal_server`).
+        "PGS_SUPERVISE=1".to_owned(),
     ];
     if let Some(a) = &bp.archive {
         env.extend(pgbackrest_env(id));
