@@ -332,6 +332,7 @@ mod tests {
             haproxy_running: true,
             runtime_access: Some(d.access.clone()),
             runtime_backends: Some(d.backends.clone()),
+            asleep: BTreeSet::new(),
         }
     }
 
@@ -360,6 +361,7 @@ mod tests {
             haproxy_running: true,
             runtime_access: Some(BTreeMap::new()),
             runtime_backends: Some(BTreeMap::new()),
+            asleep: BTreeSet::new(),
         };
         let p = plan(&d, &o);
         assert_eq!(

@@ -164,6 +164,17 @@ pub struct Sample {
     pub docker_up: Option<bool>,
     /// Backup results of the managed tenants with backups on.
     pub backups: Vec<crate::backups::status::Summary>,
+    /// Wakes and sleeps (with a Docker engine, the daemon's sleeper).
+    pub sleep: Option<SleepSample>,
+}
+
+/// The sleeper's counters at scrape time.
+#[derive(Debug)]
+pub struct SleepSample {
+    pub wakes: u64,
+    pub sleeps: u64,
+    pub wake_seconds: prometheus_client::metrics::histogram::Histogram,
+    pub wake_failures: BTreeMap<(String, &'static str), u64>,
 }
 
 /// Parses the reply of `pgs show refused` (lines `<tenant|-> <reason> <count>`).
@@ -270,6 +281,65 @@ pub fn render(agent: &AgentMetrics, sample: &Sample) -> Result<String, std::fmt:
         "1 for the current state of a managed tenant's container: running, stopped, unhealthy or absent",
         server,
     );
+
+    let by_sleep: Family<Labels, Gauge> = Family::default();
+    let deep: Gauge = Gauge::default();
+    for state in ["awake", "waking", "asleep"] {
+        by_sleep.get_or_create(&labels(&[("state", state)])).set(0);
+    }
+    for t in &sample.tenants {
+        if let Some(s) = t.sleep {
+            by_sleep
+                .get_or_create(&labels(&[("state", s.as_str())]))
+                .inc();
+        }
+        if t.sleep_depth == Some(crate::sleep::Depth::Deep) {
+            deep.inc();
+        }
+    }
+    r.register(
+        "tenants_by_sleep_state",
+        "Managed tenants awake, waking or asleep",
+        by_sleep,
+    );
+    r.register(
+        "tenants_asleep_deep",
+        "Sleeping tenants whose container is stopped too (the rest keep it up)",
+        deep,
+    );
+    if let Some(z) = &sample.sleep {
+        let wakes: Counter = Counter::default();
+        wakes.inc_by(z.wakes);
+        r.register(
+            "wakes",
+            "Sleeping servers started for a client or `tenant wake`",
+            wakes,
+        );
+        let sleeps: Counter = Counter::default();
+        sleeps.inc_by(z.sleeps);
+        r.register(
+            "sleeps",
+            "Servers put to sleep (idle or `tenant sleep`)",
+            sleeps,
+        );
+        r.register_with_unit(
+            "wake_duration",
+            "How long waking a server took, as a waiting client saw it (agent side)",
+            Unit::Seconds,
+            z.wake_seconds.clone(),
+        );
+        let failures: Family<Labels, Counter> = Family::default();
+        for ((tenant, reason), n) in &z.wake_failures {
+            failures
+                .get_or_create(&labels(&[("tenant", tenant), ("reason", reason)]))
+                .inc_by(*n);
+        }
+        r.register(
+            "wake_failures",
+            "Wakes that failed, by tenant and reason (not_allowed, start_failed, timeout); their clients got 57P03",
+            failures,
+        );
+    }
 
     if let Some(stats) = &sample.stats {
         let current: Family<Labels, Gauge> = Family::default();
@@ -524,6 +594,12 @@ mod tests {
             spec: None,
             server: None,
             haproxy_access: Some(access),
+            sleep: Some(if id == "globex" {
+                crate::sleep::SleepState::Asleep
+            } else {
+                crate::sleep::SleepState::Awake
+            }),
+            sleep_depth: (id == "globex").then_some(crate::sleep::Depth::Light),
         }
     }
 
@@ -626,8 +702,36 @@ mod tests {
                 archive_failures: 3,
                 last_archive_failure: None,
             }],
+            sleep: Some(SleepSample {
+                wakes: 4,
+                sleeps: 5,
+                wake_seconds: {
+                    let h = prometheus_client::metrics::histogram::Histogram::new(
+                        crate::sleep::WAKE_BUCKETS.iter().copied(),
+                    );
+                    h.observe(0.12);
+                    h.observe(0.7);
+                    h
+                },
+                wake_failures: [(("globex".to_owned(), "timeout"), 3)]
+                    .into_iter()
+                    .collect(),
+            }),
         };
         let text = render(&agent, &sample).unwrap();
+        for line in [
+            "pgs_tenants_by_sleep_state{state=\"awake\"} 1",
+            "pgs_tenants_by_sleep_state{state=\"asleep\"} 1",
+            "pgs_tenants_by_sleep_state{state=\"waking\"} 0",
+            "pgs_tenants_asleep_deep 0",
+            "pgs_wakes_total 4",
+            "pgs_sleeps_total 5",
+            "pgs_wake_duration_seconds_count 2",
+            "pgs_wake_duration_seconds_bucket{le=\"0.15\"} 1",
+            "pgs_wake_failures_total{tenant=\"globex\",reason=\"timeout\"} 3",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
         for line in [
             "pgs_backup_last_success_timestamp_seconds{tenant=\"acme\"} 1796499272",
             "pgs_backup_last_size_bytes{tenant=\"acme\"} 4078553",
@@ -678,10 +782,7 @@ mod tests {
 
     /// Series the alert rules and the dashboard use that other parts of pgs export (backups,
     /// wake); every other `pgs_` name there must be one this module exports.
-    const EXPORTED_ELSEWHERE: &[&str] = &[
-        "pgs_backup_last_success_timestamp_seconds",
-        "pgs_wake_failures_total",
-    ];
+    const EXPORTED_ELSEWHERE: &[&str] = &["pgs_backup_last_success_timestamp_seconds"];
 
     #[test]
     fn the_alert_rules_and_dashboard_name_only_real_series() {
@@ -699,6 +800,14 @@ mod tests {
                 )
                 .unwrap(),
             ),
+            sleep: Some(SleepSample {
+                wakes: 0,
+                sleeps: 0,
+                wake_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                    crate::sleep::WAKE_BUCKETS.iter().copied(),
+                ),
+                wake_failures: [(("acme".to_owned(), "timeout"), 1)].into_iter().collect(),
+            }),
             refused: Some(parse_refused("acme disabled 1\n")),
             certificates: Some(vec![crate::tls::CertStatus {
                 file: "/srv/pgs/tls/db.pem".into(),

@@ -40,6 +40,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/tenants/{id}/backups"),
     ("POST", "/v1/tenants/{id}/backups"),
     ("POST", "/v1/tenants/{id}/restore"),
+    ("POST", "/v1/tenants/{id}/sleep"),
+    ("POST", "/v1/tenants/{id}/wake"),
 ];
 
 /// A request path matched against [`ROUTES`].
@@ -53,6 +55,8 @@ enum Route<'a> {
     TenantAccess(&'a str),
     TenantBackups(&'a str),
     TenantRestore(&'a str),
+    TenantSleep(&'a str),
+    TenantWake(&'a str),
 }
 
 fn route(path: &str) -> Option<Route<'_>> {
@@ -68,6 +72,8 @@ fn route(path: &str) -> Option<Route<'_>> {
                 Some((id, "access")) if !id.is_empty() => Route::TenantAccess(id),
                 Some((id, "backups")) if !id.is_empty() => Route::TenantBackups(id),
                 Some((id, "restore")) if !id.is_empty() => Route::TenantRestore(id),
+                Some((id, "sleep")) if !id.is_empty() => Route::TenantSleep(id),
+                Some((id, "wake")) if !id.is_empty() => Route::TenantWake(id),
                 _ => return None,
             }
         }
@@ -81,7 +87,7 @@ fn allowed(r: &Route) -> &'static [Method] {
         Route::Tenant(_) => &[Method::GET, Method::DELETE],
         Route::TenantAccess(_) => &[Method::PUT],
         Route::TenantBackups(_) => &[Method::GET, Method::POST],
-        Route::TenantRestore(_) => &[Method::POST],
+        Route::TenantRestore(_) | Route::TenantSleep(_) | Route::TenantWake(_) => &[Method::POST],
     }
 }
 
@@ -164,7 +170,65 @@ async fn dispatch(state: &Arc<State>, req: Request<Incoming>) -> Result<Resp, Ap
             let id = id.to_owned();
             restore(state, &id, req).await
         }
+        Route::TenantSleep(id) => sleep_or_wake(state, id, false).await,
+        Route::TenantWake(id) => sleep_or_wake(state, id, true).await,
     }
+}
+
+/// `POST /v1/tenants/{id}/sleep|wake`: 200 with the tenant's view once it sleeps or accepts
+/// logins; 409 `busy` (sleep: a client session is open), 409 `not_allowed` (external,
+/// stopped, disabled), 503 `wake_failed`.
+async fn sleep_or_wake(state: &State, id: &str, wake: bool) -> Result<Resp, ApiError> {
+    use crate::sleep::{SleepError, WakeError};
+    let id = path_id(id)?;
+    let Some(view) = view_of(state, &id).await? else {
+        return Err(ApiError::tenant_not_found(id.as_str()));
+    };
+    let sleeper = state.sleeper.as_ref().ok_or_else(|| {
+        ApiError::unavailable(
+            "docker_unavailable",
+            "sleep and wake need the Docker engine, and the agent has none (see its log)",
+        )
+    })?;
+    if view.kind != "managed" {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_allowed",
+            format!("{id} is an external tenant: pgs does not run its server"),
+        ));
+    }
+    if wake {
+        match sleeper.wake(&id).await {
+            Ok(_) => {}
+            Err(e @ WakeError::NotAllowed(_)) => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "not_allowed",
+                    e.to_string(),
+                ))
+            }
+            Err(e) => {
+                return Err(ApiError::unavailable("wake_failed", e.to_string()));
+            }
+        }
+    } else {
+        match sleeper.sleep(&id).await {
+            Ok(_) => {}
+            Err(SleepError::Busy) => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "busy",
+                    format!("{id} has client sessions open; it sleeps once they end and it idles"),
+                ))
+            }
+            Err(SleepError::NotAllowed(m)) => {
+                return Err(ApiError::new(StatusCode::CONFLICT, "not_allowed", m))
+            }
+            Err(SleepError::Failed(m)) => return Err(ApiError::internal(m)),
+        }
+    }
+    let view = view_of(state, &id).await?;
+    Ok(json_response(StatusCode::OK, &view))
 }
 
 fn backup_error(e: crate::backups::BackupError) -> ApiError {
@@ -699,7 +763,16 @@ async fn metrics(state: &State) -> Result<Resp, ApiError> {
         .filter(|t| t.spec.as_ref().is_some_and(|s| s.backups))
         .map(|t| t.id.clone())
         .collect();
+    let sleep = state.sleeper.as_ref().map(|z| {
+        z.with_stats(|s| metrics::SleepSample {
+            wakes: s.wakes,
+            sleeps: s.sleeps,
+            wake_seconds: s.wake_seconds.clone(),
+            wake_failures: s.wake_failures.clone(),
+        })
+    });
     let sample = Sample {
+        sleep,
         backups: crate::backups::status::summaries(&state.agent.paths, &with_backups),
         tenants,
         haproxy_up: stats.is_some(),
@@ -763,6 +836,8 @@ mod tests {
             Route::TenantAccess("a"),
             Route::TenantBackups("a"),
             Route::TenantRestore("a"),
+            Route::TenantSleep("a"),
+            Route::TenantWake("a"),
         ]
         .iter()
         .map(|r| allowed(r).len())

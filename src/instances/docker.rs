@@ -1685,7 +1685,8 @@ mod tests {
             [
                 "POSTGRES_USER=acme",
                 "POSTGRES_DB=acme",
-                "POSTGRES_PASSWORD_FILE=/run/secrets/pgs-password"
+                "POSTGRES_PASSWORD_FILE=/run/secrets/pgs-password",
+                "PGS_SUPERVISE=1"
             ]
         );
         let host = body.host_config.clone().unwrap();

@@ -158,14 +158,32 @@ pub enum SleepError {
 }
 
 /// Counters `/metrics` reads.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SleepStats {
     pub wakes: u64,
     pub sleeps: u64,
-    /// Wake durations in seconds (total, as the client waited for the agent).
-    pub wake_seconds: Vec<f64>,
+    /// Wake durations in seconds, as a waiting client saw the agent take.
+    pub wake_seconds: prometheus_client::metrics::histogram::Histogram,
     /// (tenant, reason) → failed wakes.
     pub wake_failures: BTreeMap<(String, &'static str), u64>,
+}
+
+/// Buckets of the wake duration histogram, in seconds.
+pub const WAKE_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0,
+];
+
+impl Default for SleepStats {
+    fn default() -> Self {
+        SleepStats {
+            wakes: 0,
+            sleeps: 0,
+            wake_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                WAKE_BUCKETS.iter().copied(),
+            ),
+            wake_failures: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -326,7 +344,7 @@ impl Sleeper {
                 times.total_ms = ms(t0.elapsed());
                 let mut inner = self.inner.lock().expect("sleeper lock");
                 inner.stats.wakes += 1;
-                inner.stats.wake_seconds.push(t0.elapsed().as_secs_f64());
+                inner.stats.wake_seconds.observe(t0.elapsed().as_secs_f64());
                 drop(inner);
                 info!(
                     tenant = %id,
