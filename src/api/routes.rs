@@ -236,7 +236,11 @@ fn backup_error(e: crate::backups::BackupError) -> ApiError {
     match e {
         E::Unknown(id) => ApiError::tenant_not_found(id.as_str()),
         E::Invalid(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_target", m),
-        e @ (E::External(_) | E::Disabled(_) | E::NoData(_) | E::Job(JobError::Busy { .. })) => {
+        e @ (E::External(_)
+        | E::Disabled(_)
+        | E::NoData(_)
+        | E::Asleep(_)
+        | E::Job(JobError::Busy { .. })) => {
             ApiError::new(StatusCode::CONFLICT, "backup_conflict", e.to_string())
         }
         other => ApiError::new(StatusCode::BAD_GATEWAY, "backup_failed", format!("{other}")),

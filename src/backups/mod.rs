@@ -39,6 +39,11 @@ pub enum BackupError {
     Disabled(TenantId),
     #[error("{0} has no data volume yet (`sync` provisions it)")]
     NoData(TenantId),
+    #[error(
+        "{0} is asleep: its data has not changed since its last WAL was archived; \
+         `tenant wake {0}` first to back it up now"
+    )]
+    Asleep(TenantId),
     #[error(transparent)]
     Job(#[from] JobError),
     #[error(transparent)]
@@ -175,6 +180,9 @@ async fn backup_inner(
     full: bool,
 ) -> Result<Outcome, BackupError> {
     let (tenant, spec) = managed(agent, id)?;
+    if crate::sleep::states_on_file(agent).contains_key(id) {
+        return Err(BackupError::Asleep(id.clone()));
+    }
     let policy = policy(&agent.settings.backups, &tenant);
     let online = server_state(driver, id).await? == Some(RunState::Running);
     driver

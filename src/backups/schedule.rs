@@ -150,11 +150,15 @@ async fn tick(
         return;
     };
     let now = super::clock::now();
+    // A sleeping tenant's data does not change (its last WAL was archived before it slept):
+    // its backups wait until it wakes; verifies and restore tests, which need no server, run.
+    let asleep = crate::sleep::states_on_file(agent);
     for t in all.iter() {
         let policy = super::policy(&agent.settings.backups, t);
         if !policy.enabled {
             continue;
         }
+        let sleeping = asleep.contains_key(&t.id);
         let has_volume = observed
             .iter()
             .any(|o| o.tenant == t.id && o.volume.is_some() && o.container.is_some());
@@ -182,7 +186,7 @@ async fn tick(
             continue;
         }
         let dir = agent.paths.tenant_repository(&t.id);
-        if !repo::has_stanza(&dir, t.id.as_str()) {
+        if !repo::has_stanza(&dir, t.id.as_str()) && !sleeping {
             match super::ensure_stanza(agent, driver, &t.id).await {
                 Ok(_) => {
                     tracing::info!(tenant = %t.id, "backup repository ready in {}", dir.display())
@@ -198,6 +202,7 @@ async fn tick(
         let action = due(&t.id, &policy, &backups, &status, seen, super::clock::now());
         let result = match action {
             None => continue,
+            Some(Action::Full | Action::Incr) if sleeping => continue,
             Some(Action::Full) => super::backup(agent, driver, &t.id, true).await.map(drop),
             Some(Action::Incr) => super::backup(agent, driver, &t.id, false).await.map(drop),
             Some(Action::Verify) => super::verify(agent, driver, &t.id).await.map(drop),

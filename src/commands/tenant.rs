@@ -219,7 +219,9 @@ async fn set_stopped(agent: &Agent, id: &TenantId, stopped: bool) -> anyhow::Res
         };
         // A clean stop leaves the last partial WAL segment unarchived: close and archive it
         // first, so the repository holds every commit made before the stop.
-        if stopped && spec.backups && !t.stopped {
+        // A sleeping server archived its last WAL before it stopped.
+        let asleep = crate::sleep::states_on_file(agent).contains_key(id);
+        if stopped && spec.backups && !t.stopped && !asleep {
             let running = crate::backups::server_state(&docker, id)
                 .await
                 .ok()
