@@ -74,6 +74,10 @@ pub struct SleepSettings {
     /// it have their container stopped.
     #[serde(default = "d_max_light")]
     pub max_light: u32,
+    /// Owner of the wake socket when HAProxy's workers drop privileges (`user` in its global
+    /// section); unset: the agent's own user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_user: Option<String>,
 }
 
 fn d_wake_timeout() -> String {
@@ -570,6 +574,14 @@ impl Settings {
         if z.wake_timeout_secs() > 300 {
             bail!("sleep.wake_timeout must be at most 5m");
         }
+        if let Some(u) = &z.socket_user {
+            let ok = !u.is_empty()
+                && u.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            if !ok {
+                bail!("sleep.socket_user = {u:?} is not a user name");
+            }
+        }
         for (key, v) in [
             ("limits.cancel_keys", self.limits.cancel_keys),
             ("limits.sources", self.limits.sources),
@@ -680,6 +692,7 @@ const SETTING_DOCS: &[(&str, &str, &str, &str)] = &[
     ("sleep", "check_every", "How often HAProxy's session counts are read to find idle tenants.", ""),
     ("sleep", "deep_after", "A tenant asleep this long also has its container stopped (no memory; a wake then takes ~0.5 s more).", ""),
     ("sleep", "max_light", "Most sleeping tenants whose container stays up (~6 MiB each, fast wake); beyond it the longest asleep have their container stopped.", ""),
+    ("sleep", "socket_user", "Owner of the agent's wake socket (run/wake.sock, mode 600) when HAProxy's workers drop privileges (`user` in its global section).", "\"haproxy\""),
     ("tls", "certificates", "Directory of PEM files (chain and key in one file), all served; the first alphabetically is the default without SNI. Renewed files are picked up without a reload.", ""),
     ("tls", "mode", "\"optional\": plaintext and TLS clients; \"required\": plaintext startups are refused with a FATAL that says to use TLS.", ""),
     ("tls", "domain", "Tenant domain: an SNI ending in .DOMAIN must name the user's tenant in its first label (acme.DOMAIN); SNI is never required.", "\"db.example.com\""),

@@ -148,12 +148,17 @@ pub async fn run(agent: &Agent, resync: u64) -> anyhow::Result<ExitCode> {
     };
     if let Some(d) = &d {
         let events = d.clone();
+        let events_agent = agent.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
             events
                 .watch_events(|event| match event {
                     EngineEvent::Died { tenant, container } => {
-                        warn!(tenant = %tenant, container = %container, "tenant server died; repairing");
+                        if crate::sleep::states_on_file(&events_agent).contains_key(&tenant) {
+                            info!(tenant = %tenant, container = %container, "container of a sleeping tenant stopped");
+                        } else {
+                            warn!(tenant = %tenant, container = %container, "tenant server died; repairing");
+                        }
                         let _ = tx.try_send(Poke::Docker(container));
                     }
                     EngineEvent::Back => {
@@ -198,7 +203,10 @@ pub async fn run(agent: &Agent, resync: u64) -> anyhow::Result<ExitCode> {
         .map(|d| Arc::new(crate::sleep::Sleeper::new(agent, d)));
     let mut sleep_tasks = Vec::new();
     if let Some(s) = &sleeper {
-        let listener = crate::sleep::local::bind(&agent.paths.wake_socket)?;
+        let listener = crate::sleep::local::bind(
+            &agent.paths.wake_socket,
+            agent.settings.sleep.socket_user.as_deref(),
+        )?;
         sleep_tasks.push(tokio::spawn(crate::sleep::local::serve(
             listener,
             Arc::clone(s),

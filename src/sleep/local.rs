@@ -40,8 +40,9 @@ impl Drop for WakeListener {
     }
 }
 
-/// Binds `path` (mode 600), replacing a socket file nobody answers on.
-pub fn bind(path: &Path) -> anyhow::Result<WakeListener> {
+/// Binds `path` (mode 600, owned by `owner` when given), replacing a socket file nobody
+/// answers on.
+pub fn bind(path: &Path, owner: Option<&str>) -> anyhow::Result<WakeListener> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!(
@@ -57,10 +58,25 @@ pub fn bind(path: &Path) -> anyhow::Result<WakeListener> {
     let bound = UnixListener::bind(path);
     unsafe { libc::umask(old) };
     let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
+    if let Some(user) = owner {
+        let uid = uid_of(user).with_context(|| {
+            format!("[sleep] socket_user = {user:?}: no such user on this host")
+        })?;
+        std::os::unix::fs::chown(path, Some(uid), None)
+            .with_context(|| format!("cannot give {} to {user}", path.display()))?;
+    }
     Ok(WakeListener {
         listener,
         path: path.to_owned(),
     })
+}
+
+/// The uid of a user name (getpwnam).
+fn uid_of(user: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(user).ok()?;
+    // getpwnam's result points into static storage; read the uid at once.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    (!pw.is_null()).then(|| unsafe { (*pw).pw_uid })
 }
 
 /// Serves wake and sleep requests until the task is dropped.
@@ -205,6 +221,12 @@ fn parse_reply(reply: &str) -> Option<(u16, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn users_resolve_to_uids() {
+        assert_eq!(uid_of("root"), Some(0));
+        assert_eq!(uid_of("no-such-user-here"), None);
+    }
 
     #[test]
     fn replies_parse() {
