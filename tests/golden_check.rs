@@ -24,7 +24,7 @@ fn golden_configs_pass_haproxy_check() {
             .replace("/srv/pgs", root);
         std::fs::create_dir_all(dir.path().join("haproxy/maps")).unwrap();
         std::fs::create_dir_all(dir.path().join("run")).unwrap();
-        for map in ["backends.map", "access.map", "servers.map"] {
+        for map in ["backends.map", "access.map", "servers.map", "asleep.map"] {
             std::fs::write(dir.path().join("haproxy/maps").join(map), "").unwrap();
         }
         std::fs::write(
