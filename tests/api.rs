@@ -416,6 +416,30 @@ fn the_api_runs_tenants_end_to_end_and_keeps_its_openapi_document_true() {
         m.body
     );
 
+    // Sleep and wake by hand: refused as busy while the session is open (nothing changes), and
+    // an awake tenant's wake answers at once with its view.
+    let r = c.call(
+        "POST",
+        "/v1/tenants/{id}/sleep",
+        "/v1/tenants/acme/sleep",
+        None,
+    );
+    assert_eq!(
+        (r.status, r.json()["code"].clone()),
+        (409, json!("busy")),
+        "{}",
+        r.body
+    );
+    assert_eq!(session.query("select 1").as_deref(), Some("1"));
+    let r = c.call(
+        "POST",
+        "/v1/tenants/{id}/wake",
+        "/v1/tenants/acme/wake",
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["sleep"], "awake", "{}", r.body);
+
     // Access off with terminate: the open session ends, a new client is refused and counted.
     let r = c.call(
         "PUT",

@@ -105,6 +105,18 @@ pub async fn run(driver: &DockerDriver, job: &Job) -> Result<String, JobError> {
         }
         tracing::info!(tenant = %job.tenant, "removing the finished {kind} job container {name} left behind");
         remove(driver, &name).await;
+        // Another agent process (the daemon's loop, a CLI call) may be removing it already:
+        // its name is free only once the removal is done.
+        for _ in 0..100 {
+            match docker
+                .inspect_container(&name, None::<InspectContainerOptions>)
+                .await
+            {
+                Ok(c) if c.state.as_ref().and_then(|s| s.running).unwrap_or(false) => break,
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                Err(_) => break,
+            }
+        }
     }
     let paths = driver.paths();
     let mut mounts = vec![

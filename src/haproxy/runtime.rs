@@ -286,6 +286,8 @@ pub enum Command {
     ShowStat,
     /// `show stat <backend> 2 -1`: one backend's own row (CSV), cheap with many backends.
     ShowStatOf { backend: String },
+    /// `show stat -1 2 -1`: every backend's own row, without frontends and servers.
+    ShowStatBackends,
     /// `show servers state` for every backend.
     ShowServersState,
     /// `show servers state <backend>`
@@ -443,6 +445,7 @@ impl Command {
             Command::ShowStatOf { backend } => {
                 format!("show stat {} 2 -1", check_name("backend", backend)?)
             }
+            Command::ShowStatBackends => "show stat -1 2 -1".to_string(),
             Command::ShowServersState => "show servers state".to_string(),
             Command::ShowServersStateOf { backend } => {
                 format!("show servers state {}", check_name("backend", backend)?)
@@ -511,7 +514,9 @@ impl Command {
             Command::ShowMap { .. } | Command::ShowMapVersion { .. } => Expect::MapEntries,
             Command::PrepareMap { .. } => Expect::VersionCreated,
             Command::ShowInfo => Expect::Info,
-            Command::ShowStat | Command::ShowStatOf { .. } => Expect::Stat,
+            Command::ShowStat | Command::ShowStatOf { .. } | Command::ShowStatBackends => {
+                Expect::Stat
+            }
             Command::ShowServersState | Command::ShowServersStateOf { .. } => Expect::ServersState,
             Command::ShowPgsRefused => Expect::PgsRefused,
             Command::ShowPgsNegotiations => Expect::PgsNegotiations,
@@ -1163,6 +1168,11 @@ impl RuntimeApi {
         self.parsed(&Command::ShowStat, StatRow::parse_all).await
     }
 
+    pub async fn show_stat_backends(&self) -> Result<Vec<StatRow>, RuntimeError> {
+        self.parsed(&Command::ShowStatBackends, StatRow::parse_all)
+            .await
+    }
+
     pub async fn show_stat_of(&self, backend: &str) -> Result<Vec<StatRow>, RuntimeError> {
         let cmd = Command::ShowStatOf {
             backend: backend.to_owned(),
@@ -1566,6 +1576,7 @@ mod tests {
                 },
                 "show stat pgs_acme 2 -1",
             ),
+            (Command::ShowStatBackends, "show stat -1 2 -1"),
             (Command::ShowServersState, "show servers state"),
             (
                 Command::ShowServersStateOf {

@@ -512,6 +512,13 @@ impl Sleeper {
         let session = pgsql::connect(&login)
             .await
             .map_err(|e| SleepError::Failed(format!("cannot log in to check its sessions: {e}")))?;
+        // A busy tenant is left alone before any work (checked again once the gate is shut).
+        let api = runtime_api(&self.agent);
+        let busy_in_haproxy =
+            matches!(backend_sessions(&api, &id.backend_name()).await, Ok(n) if n > 0);
+        if busy_in_haproxy || matches!(session.other_sessions().await, Ok(n) if n > 0) {
+            return Err(SleepError::Busy);
+        }
         // Backups' rule: the repository gets the last WAL before the server stops. Done while
         // still awake; a client arriving meanwhile calls the sleep off below.
         match session.archive_current_wal(ARCHIVE_TIMEOUT).await {
@@ -525,7 +532,6 @@ impl Sleeper {
         }
         // The gate first: from here on every new client waits for a wake (which waits for
         // this sleep to finish, then starts the server again).
-        let api = runtime_api(&self.agent);
         let haproxy = match api
             .add_map(
                 &self.agent.paths.asleep_map,
@@ -675,7 +681,7 @@ impl Sleeper {
             }
             return;
         }
-        let rows = match api.show_stat().await {
+        let rows = match api.show_stat_backends().await {
             Ok(r) => r,
             Err(e) => {
                 warn!("idle pass: cannot read HAProxy's counters: {e}");
