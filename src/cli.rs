@@ -344,4 +344,8 @@ pub struct CreateArgs {
     /// PostgreSQL max_connections (default: docker.default_max_connections).
     #[arg(long)]
     pub max_connections: Option<u32>,
+    /// Sleep after this long without a client session, e.g. 15m ("never": stay awake;
+    /// default: [sleep] idle_timeout). The next client wakes it.
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
 }

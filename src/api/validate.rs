@@ -74,7 +74,12 @@ pub fn create(body: &Value, host: HostLimits) -> Result<CreateRequest, Vec<Field
         return Err(vec![problem("", "expected a JSON object")]);
     };
     let mut problems = Vec::new();
-    unknown_keys(obj, "", &["id", "access", "managed"], &mut problems);
+    unknown_keys(
+        obj,
+        "",
+        &["id", "access", "managed", "idle_timeout"],
+        &mut problems,
+    );
     let id = match obj.get("id") {
         None => {
             problems.push(problem("id", "missing; give the tenant id, e.g. \"acme\""));
@@ -95,6 +100,10 @@ pub fn create(body: &Value, host: HostLimits) -> Result<CreateRequest, Vec<Field
     let mut entry = Map::new();
     if let Some(a) = obj.get("access") {
         entry.insert("access".into(), a.clone());
+    }
+    // Checked by the file's validator below, like the rest.
+    if let Some(t) = obj.get("idle_timeout") {
+        entry.insert("idle_timeout".into(), t.clone());
     }
     let mut managed = Map::new();
     match obj.get("managed") {
@@ -272,6 +281,19 @@ mod tests {
             json!({"access": "enabled", "managed": {"memory": "128m", "cpus": 0.5}})
         );
         assert!(create(&json!({"id": "b"}), HOST).is_ok());
+        let r = create(
+            &json!({"id": "c", "managed": {}, "idle_timeout": "15m"}),
+            HOST,
+        )
+        .unwrap();
+        assert_eq!(r.entry["idle_timeout"], "15m");
+        assert_eq!(
+            fields(create(
+                &json!({"id": "d", "managed": {}, "idle_timeout": "soon"}),
+                HOST
+            )),
+            ["idle_timeout"]
+        );
     }
 
     #[test]

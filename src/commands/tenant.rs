@@ -97,7 +97,13 @@ async fn create(agent: &Agent, args: CreateArgs) -> anyhow::Result<ExitCode> {
     } else {
         Access::Disabled
     };
-    let entry = json!({"access": access.as_str(), "managed": Value::Object(managed)});
+    let mut entry = json!({"access": access.as_str(), "managed": Value::Object(managed)});
+    if let Some(t) = &args.idle_timeout {
+        if t != "never" {
+            crate::settings::parse_interval(t).map_err(|e| anyhow!("--idle-timeout: {e}"))?;
+        }
+        entry["idle_timeout"] = json!(t);
+    }
     match tenant_ops::add(&agent.paths.tenants_file, &id, entry) {
         Ok(_) => {}
         Err(EditError::Exists(_)) => bail!(
