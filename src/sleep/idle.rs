@@ -10,7 +10,8 @@ use crate::tenants::{TenantId, Tenants};
 pub struct Sessions {
     /// Sessions open now (HAProxy's `scur`), held wakes included.
     pub current: u64,
-    /// Seconds since the last session started (`lastsess`); `None`: none since HAProxy started.
+    /// Seconds since the last session started (`lastsess`, or the worker's uptime when it has
+    /// had none); `None`: unknown.
     pub last_secs: Option<u64>,
 }
 

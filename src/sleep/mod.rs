@@ -688,6 +688,9 @@ impl Sleeper {
                 return;
             }
         };
+        // A worker started by a reload counts sessions from its own start: before that, the
+        // tenant may have had one a moment ago.
+        let uptime = api.show_info().await.ok().map(|i| i.uptime_sec);
         let sessions: BTreeMap<String, idle::Sessions> = rows
             .iter()
             .filter(|r| r.svname() == "BACKEND")
@@ -699,7 +702,8 @@ impl Sleeper {
                         last_secs: r
                             .get("lastsess")
                             .and_then(|v| v.parse::<i64>().ok())
-                            .and_then(|v| u64::try_from(v).ok()),
+                            .and_then(|v| u64::try_from(v).ok())
+                            .or(uptime),
                     },
                 )
             })
