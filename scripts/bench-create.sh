@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# Benchmark 2: tenant create → first query through HAProxy, and idle tenant memory.
+# Benchmark 2: tenant create → first query through HAProxy, idle tenant memory, and batches.
 #
 # In a fresh `pgs-agent init` layout with its own docker prefix and HAProxy: COUNT times
 # `pgs-agent tenant create tN --enable`, then `tenant credentials tN` and a psql query through
-# HAProxy (retried every 50 ms until it answers), timed from the create's start. After the first
-# tenant and again after the last, wait IDLE seconds and read `docker stats --no-stream`.
+# HAProxy (retried every 50 ms until it answers), timed from the create's start, with a
+# breakdown from the engine's timestamps. After the first tenant and again after the last, wait
+# IDLE seconds and read `docker stats --no-stream`. Then BATCH new tenants in one `pgs-agent
+# sync`, once per value of [docker] start_concurrency in CONCURRENCY, and the disk each new
+# tenant's volume takes.
 # Needs a running Docker engine and the image pgs/postgres:15 (docker/build-image.sh 15).
 #
 #   scripts/bench-create.sh [--out FILE]     Markdown section to FILE (default stdout)
 #
-# Env: COUNT (default 5), IDLE (default 10), PGS_AGENT (a prebuilt binary), BENCH_KEEP=1.
+# Env: COUNT (default 5), IDLE (default 10), BATCH (default 50), CONCURRENCY (default "1 4"),
+#      PGS_AGENT (a prebuilt binary), BENCH_KEEP=1.
 source "$(dirname "$0")/bench-common.sh"
 bench_parse_args "$@"
 COUNT=${COUNT:-5}
 IDLE=${IDLE:-10}
+BATCH=${BATCH:-50}
+CONCURRENCY=${CONCURRENCY:-1 4}
 
 bench_preflight
 docker info >/dev/null 2>&1 || die "no Docker engine answers (scripts/start-dockerd.sh starts one)"
@@ -27,9 +33,14 @@ bench_start_haproxy
 bench_tool "$BENCH_DIR/body.md" create --agent "$BENCH_AGENT" --cfg "$BENCH_CFG" \
     --prefix "$BENCH_PREFIX" --count "$COUNT" --idle "$IDLE"
 body=$(cat "$BENCH_DIR/body.md")
+# shellcheck disable=SC2086
+bench_tool "$BENCH_DIR/batch.md" batch --agent "$BENCH_AGENT" --cfg "$BENCH_CFG" \
+    --prefix "$BENCH_PREFIX" --count "$BATCH" --concurrency $CONCURRENCY
+batch=$(cat "$BENCH_DIR/batch.md")
 
 cmd="scripts/bench-create.sh"
-[ "$COUNT" = 5 ] && [ "$IDLE" = 10 ] || cmd="COUNT=$COUNT IDLE=$IDLE $cmd"
+[ "$COUNT" = 5 ] && [ "$IDLE" = 10 ] && [ "$BATCH" = 50 ] && [ "$CONCURRENCY" = "1 4" ] \
+    || cmd="COUNT=$COUNT IDLE=$IDLE BATCH=$BATCH CONCURRENCY=\"$CONCURRENCY\" $cmd"
 image_id=$(docker image inspect --format '{{.Id}}' "$image" | cut -c8-19)
 image_size=$(docker image inspect --format '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')
 mem=$(sed -n 's/^default_memory = //p' "$BENCH_CFG" | tr -d '"')
@@ -45,5 +56,9 @@ mem=$(sed -n 's/^default_memory = //p' "$BENCH_CFG" | tr -d '"')
     echo "  \`pgs-agent init\` (memory $mem); HAProxy 2.6 master-worker; tenants created one after another."
     echo
     echo "$body"
+    echo
+    echo "### Many new tenants in one \`sync\`"
+    echo
+    echo "$batch"
 } >"$BENCH_OUT"
 log "done"
