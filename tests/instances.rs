@@ -558,6 +558,34 @@ fn first_init_copies_the_template_or_runs_initdb_when_asked() {
         "{err}"
     );
 
+    // Each copy gets its own system identifier (pgBackRest tells clusters apart by it) and
+    // mock-authentication nonce, as initdb would give it.
+    let ident = "SELECT (SELECT system_identifier FROM pg_control_system())::text";
+    let (a, b) = (
+        copied.wait_sql(user, db, password, ident),
+        plain.wait_sql("owner", "postgres", "other-secret", ident),
+    );
+    assert!(!a.is_empty() && a != b, "{a} vs {b}");
+    let template = docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "pg_controldata",
+        &crate::support::docker::image(),
+        "/usr/share/pgs/template",
+    ]);
+    let template = String::from_utf8_lossy(&template.stdout);
+    assert!(
+        template.contains("Database system identifier:"),
+        "{template}"
+    );
+    assert!(
+        !template.contains(&a) && !template.contains(&b),
+        "{template}"
+    );
+
     // POSTGRES_INITDB_ARGS (and the opt-out) still run initdb, with the same defaults.
     assert_eq!(
         checksums.wait_sql("owner", "app", "third-secret", "SHOW data_checksums"),
