@@ -260,9 +260,10 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     # than letting Docker do it (Docker copies image content found at a VOLUME path into a
     # new, empty named volume): the same image runs pgBackRest restore jobs on new, empty
     # volumes mounted at PGDATA, which must stay empty; and a copy here also serves bind
-    # mounts and any volume driver. Measured on the 2-core reference host: cp -a of the
-    # ~46 MB template 0.09-0.18 s, syncfs 0.07 s, the single-user fix-up 0.05 s, against
-    # 0.8 s for initdb alone, plus ~0.3 s for the temporary server that made the database.
+    # mounts and any volume driver. Measured on the 2-core reference host (quiet): cp -a of
+    # the ~46 MB template 0.09-0.18 s, new_identity 0.05 s, syncfs 0.06 s, the single-user
+    # fix-up 0.05 s, against 0.8 s for initdb alone plus ~0.3 s for the temporary server
+    # that then made the database (BENCHMARKS.md §2 has the whole `tenant create`).
     how=template
     if [ "${PGS_INIT_TEMPLATE:-1}" = 0 ]; then
         how="initdb (PGS_INIT_TEMPLATE=0)"

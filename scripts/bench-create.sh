@@ -13,7 +13,9 @@
 #   scripts/bench-create.sh [--out FILE]     Markdown section to FILE (default stdout)
 #
 # Env: COUNT (default 5), IDLE (default 10), BATCH (default 50), CONCURRENCY (default "1 4"),
-#      PGS_AGENT (a prebuilt binary), BENCH_KEEP=1.
+#      IMAGE (default pgs/postgres:15; e.g. one built with PGS_IMAGE_REPO, so a rebuild of the
+#      shared tag during the run cannot change what is measured), PGS_AGENT (a prebuilt
+#      binary), BENCH_KEEP=1.
 source "$(dirname "$0")/bench-common.sh"
 bench_parse_args "$@"
 COUNT=${COUNT:-5}
@@ -23,11 +25,12 @@ CONCURRENCY=${CONCURRENCY:-1 4}
 
 bench_preflight
 docker info >/dev/null 2>&1 || die "no Docker engine answers (scripts/start-dockerd.sh starts one)"
-image=pgs/postgres:15
+image=${IMAGE:-pgs/postgres:15}
 docker image inspect "$image" >/dev/null 2>&1 || die "image $image missing (docker/build-image.sh 15 builds it)"
 machine=$(bench_machine_md)
 bench_layout create
-grep -q "^default_image = \"$image\"" "$BENCH_CFG" || die "unexpected default_image in $BENCH_CFG"
+sed -i "s|^default_image = .*|default_image = \"$image\"|" "$BENCH_CFG"
+grep -q "^default_image = \"$image\"" "$BENCH_CFG" || die "could not set default_image in $BENCH_CFG"
 bench_start_haproxy
 
 bench_tool "$BENCH_DIR/body.md" create --agent "$BENCH_AGENT" --cfg "$BENCH_CFG" \
@@ -41,6 +44,7 @@ batch=$(cat "$BENCH_DIR/batch.md")
 cmd="scripts/bench-create.sh"
 [ "$COUNT" = 5 ] && [ "$IDLE" = 10 ] && [ "$BATCH" = 50 ] && [ "$CONCURRENCY" = "1 4" ] \
     || cmd="COUNT=$COUNT IDLE=$IDLE BATCH=$BATCH CONCURRENCY=\"$CONCURRENCY\" $cmd"
+[ "$image" = pgs/postgres:15 ] || cmd="IMAGE=$image $cmd"
 image_id=$(docker image inspect --format '{{.Id}}' "$image" | cut -c8-19)
 image_size=$(docker image inspect --format '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')
 mem=$(sed -n 's/^default_memory = //p' "$BENCH_CFG" | tr -d '"')
