@@ -7,7 +7,8 @@
 # breakdown from the engine's timestamps. After the first tenant and again after the last, wait
 # IDLE seconds and read `docker stats --no-stream`. Then BATCH new tenants in one `pgs-agent
 # sync`, once per value of [docker] start_concurrency in CONCURRENCY, and the disk each new
-# tenant's volume takes.
+# tenant's volume takes. Last, the image's first init alone, template copy vs initdb (COUNT
+# runs each, alternating).
 # Needs a running Docker engine and the image pgs/postgres:15 (docker/build-image.sh 15).
 #
 #   scripts/bench-create.sh [--out FILE]     Markdown section to FILE (default stdout)
@@ -40,6 +41,8 @@ body=$(cat "$BENCH_DIR/body.md")
 bench_tool "$BENCH_DIR/batch.md" batch --agent "$BENCH_AGENT" --cfg "$BENCH_CFG" \
     --prefix "$BENCH_PREFIX" --count "$BATCH" --concurrency $CONCURRENCY
 batch=$(cat "$BENCH_DIR/batch.md")
+bench_tool "$BENCH_DIR/firstinit.md" firstinit --image "$image" --prefix "$BENCH_PREFIX" --runs "$COUNT"
+firstinit=$(cat "$BENCH_DIR/firstinit.md")
 
 cmd="scripts/bench-create.sh"
 [ "$COUNT" = 5 ] && [ "$IDLE" = 10 ] && [ "$BATCH" = 50 ] && [ "$CONCURRENCY" = "1 4" ] \
@@ -64,5 +67,9 @@ mem=$(sed -n 's/^default_memory = //p' "$BENCH_CFG" | tr -d '"')
     echo "### Many new tenants in one \`sync\`"
     echo
     echo "$batch"
+    echo
+    echo "### The first init alone: the template copy against initdb"
+    echo
+    echo "$firstinit"
 } >"$BENCH_OUT"
 log "done"

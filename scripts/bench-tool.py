@@ -8,6 +8,7 @@ timed loops and prints the Markdown body of a section on stdout. Progress goes t
   bench-tool.py flip   --agent A --cfg CFG --tenant T --port P --admin SOCK --map MAP [--flips N] [--rt N]
   bench-tool.py create --agent A --cfg CFG --prefix PFX [--count N] [--idle S]
   bench-tool.py batch  --agent A --cfg CFG --prefix PFX [--count N] [--concurrency C...]
+  bench-tool.py firstinit --image IMG --prefix PFX [--runs N]
   bench-tool.py sync   --agent A --cfg CFG --dir DIR --master SOCK --admin SOCK [--tenants N] [--add N] [--runs N]
 """
 
@@ -671,6 +672,59 @@ def cmd_batch(a):
     print("\n".join(out))
 
 
+def cmd_firstinit(a):
+    """`docker run` → first login through the socket, template copy vs initdb, interleaved."""
+    import tempfile
+    times = {"template": [], "initdb": []}
+    label = f"io.pgs.installation={a.prefix}"
+    with tempfile.TemporaryDirectory(prefix="pgsbench-firstinit.") as d:
+        pw = os.path.join(d, "pw")
+        with open(pw, "w") as f:
+            f.write("bench-secret\n")
+        os.chmod(pw, 0o644)
+        for i in range(1, a.runs + 1):
+            for mode in ("template", "initdb"):
+                name = f"{a.prefix}-firstinit-{mode}-{i}"
+                sock = os.path.join(d, name)
+                os.mkdir(sock)
+                os.chmod(sock, 0o777)
+                subprocess.run(["docker", "volume", "create", "--label", label, name],
+                               check=True, capture_output=True, timeout=60)
+                env = ["-e", "PGS_INIT_TEMPLATE=0"] if mode == "initdb" else []
+                t0 = now()
+                subprocess.run(["docker", "run", "-d", "--name", name, "--label", label,
+                                "--network", "none", "--memory", "256m",
+                                "-e", "POSTGRES_USER=bench", "-e", "POSTGRES_PASSWORD_FILE=/pw",
+                                "-v", f"{pw}:/pw:ro", "-v", f"{name}:/var/lib/postgresql/data",
+                                "-v", f"{sock}:/var/run/postgresql"] + env + [a.image],
+                               check=True, capture_output=True, timeout=60)
+                penv = dict(os.environ, PGPASSWORD="bench-secret")
+                while True:
+                    q = subprocess.run(["psql", f"host={sock} user=bench dbname=bench",
+                                        "-XAtqc", "select 1"], capture_output=True, text=True,
+                                       env=penv, timeout=30)
+                    if q.returncode == 0:
+                        break
+                    if now() - t0 > 60:
+                        raise RuntimeError(f"{name}: no login after 60 s: {q.stderr}")
+                    time.sleep(0.02)
+                took = now() - t0
+                times[mode].append(took)
+                log(f"{mode} #{i}: docker run → first login {took:.3f} s")
+                subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
+                subprocess.run(["docker", "volume", "rm", "-f", name], capture_output=True, timeout=60)
+    out = ["| first init | n | median s | min s | max s |", "|---|---:|---:|---:|---:|"]
+    for mode, label_ in (("template", "copy of the image's template (default)"),
+                         ("initdb", "initdb + temporary server (`PGS_INIT_TEMPLATE=0`)")):
+        st = summary(times[mode])
+        out.append(f"| {label_} | {st['n']} | {st['p50']:.3f} | {st['min']:.3f} | {st['max']:.3f} |")
+    out.append("")
+    out.append("- `docker run -d` of the image (no network, 256m, a new volume) until psql logs in "
+               "through the socket directory, retried every 20 ms; the two ways alternate, so both "
+               "see the same load. No HAProxy, no agent.")
+    print("\n".join(out))
+
+
 # ---------------------------------------------------------------- 3. sync at scale
 
 def write_tenants(path, n, sock_root):
@@ -853,6 +907,11 @@ def main():
     bt.add_argument("--count", type=int, default=50)
     bt.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
 
+    fi = sub.add_parser("firstinit")
+    fi.add_argument("--image", required=True)
+    fi.add_argument("--prefix", required=True)
+    fi.add_argument("--runs", type=int, default=5)
+
     s = sub.add_parser("sync")
     s.add_argument("--agent", required=True)
     s.add_argument("--cfg", required=True)
@@ -883,6 +942,8 @@ def main():
         cmd_create(a)
     elif a.cmd == "batch":
         cmd_batch(a)
+    elif a.cmd == "firstinit":
+        cmd_firstinit(a)
     elif a.cmd == "sync":
         cmd_sync(a)
     elif a.cmd == "worker-rss":
