@@ -8,7 +8,9 @@
 # and its dependencies; each .deb is unpacked with dpkg-deb into a rootfs
 # (no maintainer scripts), that rootfs is `docker import`ed as
 # pgs/postgres:VERSION-rootfs, and docker/Dockerfile adds the metadata
-# (USER 999, ENTRYPOINT, CMD, ENV, STOPSIGNAL SIGINT, VOLUME).
+# (USER 999, ENTRYPOINT, CMD, ENV, STOPSIGNAL SIGINT, VOLUME) and the
+# initialized template cluster in /usr/share/pgs/template that a tenant's
+# first start copies instead of running initdb (docker/entrypoint.sh).
 #
 # Idempotent: if pgs/postgres:VERSION exists and was built from the same
 # inputs (this script, entrypoint.sh, Dockerfile, VERSION, options), exit 0.
@@ -30,7 +32,7 @@ VERSION=
 for a in "$@"; do
     case "$a" in
         -f|--force) FORCE=1 ;;
-        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         [0-9]*) [ -z "$VERSION" ] || { echo "build-image: only one VERSION" >&2; exit 2; }
                 VERSION=$a ;;
         *) echo "build-image: unknown argument: $a (usage: $0 [--force] [VERSION])" >&2; exit 2 ;;
@@ -181,6 +183,7 @@ ln -s ../run "$ROOT/var/run"
 install -d -o 999 -g 999 -m 2775 "$ROOT/run/postgresql"
 install -d -o 999 -g 999 -m 0755 "$ROOT/var/lib/postgresql"
 install -d -o 999 -g 999 -m 0700 "$ROOT/var/lib/postgresql/data"
+install -d -o 999 -g 999 -m 0755 "$ROOT/usr/share/pgs"   # the template cluster (Dockerfile)
 install -d -o 0 -g 0 -m 0755 "$ROOT/docker-entrypoint-initdb.d" "$ROOT/usr/local/bin" "$ROOT/etc" "$ROOT/proc" "$ROOT/sys" "$ROOT/dev"
 install -d -m 1777 "$ROOT/tmp" "$ROOT/var/tmp"
 install -o 0 -g 0 -m 0755 "$HERE/entrypoint.sh" "$ROOT/usr/local/bin/docker-entrypoint.sh"
@@ -238,7 +241,7 @@ step "docker build (metadata) -> $IMAGE"
 CTX=$WORK/ctx
 mkdir -p "$CTX"
 cp "$HERE/Dockerfile" "$CTX/Dockerfile"
-DOCKER_BUILDKIT=0 docker build -q -t "$IMAGE" \
+DOCKER_BUILDKIT=0 docker build -q --network none -t "$IMAGE" \
     --build-arg PG_MAJOR="$VERSION" \
     --build-arg BASE="$BASE" \
     --label org.pgs.inputs="$INPUTS" \

@@ -25,9 +25,6 @@ use crate::settings::Agent;
 use crate::tenants::{self, Instance, TenantId, Tenants};
 use crate::tls;
 
-/// Servers created, started or stopped at the same time within one pass.
-const PARALLEL_INSTANCE_STEPS: usize = 4;
-
 /// How long a reload may take before it counts as failed.
 const RELOAD_DEADLINE: Duration = Duration::from_secs(20);
 
@@ -371,7 +368,7 @@ async fn apply<D: InstanceDriver>(
         // restores) need.
         type StepFuture<'s> = std::pin::Pin<
             Box<
-                dyn std::future::Future<Output = (&'s InstanceStep, Result<(), DriverError>)>
+                dyn std::future::Future<Output = (usize, &'s InstanceStep, Result<(), DriverError>)>
                     + Send
                     + 's,
             >,
@@ -380,15 +377,19 @@ async fn apply<D: InstanceDriver>(
             .instances
             .iter()
             .filter(|s| !matches!(s, InstanceStep::Remove { .. }))
-            .map(|step| -> StepFuture<'_> {
-                Box::pin(async move { (step, run_instance_step(d, step, ready_timeout).await) })
+            .enumerate()
+            .map(|(i, step)| -> StepFuture<'_> {
+                Box::pin(async move { (i, step, run_instance_step(d, step, ready_timeout).await) })
             })
             .collect();
-        let results: Vec<_> = stream::iter(steps)
-            .buffered(PARALLEL_INSTANCE_STEPS)
+        // Unordered: a slot frees as soon as any server is ready, so a new tenant never waits
+        // for a slow one ahead of it in the plan; the report keeps the plan's order.
+        let mut results: Vec<_> = stream::iter(steps)
+            .buffer_unordered(agent.settings.docker.start_concurrency.max(1))
             .collect()
             .await;
-        for (step, result) in results {
+        results.sort_by_key(|(i, _, _)| *i);
+        for (_, step, result) in results {
             match result {
                 Ok(()) => report.done.push(describe_instance(step)),
                 Err(e) => {

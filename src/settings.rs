@@ -361,6 +361,10 @@ pub struct DockerSettings {
     /// How long a new or restarted server may take to accept logins, in seconds.
     #[serde(default = "d_ready_timeout")]
     pub ready_timeout_secs: u64,
+    /// Servers a pass creates, starts or stops at the same time (1..=64): a batch of new tenants
+    /// starts this many at a time, and one slow server does not hold the others back.
+    #[serde(default = "d_start_concurrency")]
+    pub start_concurrency: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -465,6 +469,9 @@ fn d_pids_limit() -> i64 {
 fn d_ready_timeout() -> u64 {
     60
 }
+fn d_start_concurrency() -> usize {
+    4
+}
 fn d_maxconn() -> u32 {
     2_000
 }
@@ -542,6 +549,12 @@ impl Settings {
         }
         crate::tenants::parse_size(&d.default_memory)
             .map_err(|e| anyhow::anyhow!("docker.default_memory: {e}"))?;
+        if !(1..=64).contains(&d.start_concurrency) {
+            bail!(
+                "docker.start_concurrency = {} must be 1 to 64 (servers started at the same time)",
+                d.start_concurrency
+            );
+        }
         if let Some(tls) = &self.tls {
             tls.check()?;
         }
@@ -670,6 +683,7 @@ const SETTING_DOCS: &[(&str, &str, &str, &str)] = &[
     ("docker", "default_max_connections", "PostgreSQL max_connections of managed tenants that set none.", ""),
     ("docker", "pids_limit", "Process limit per tenant container.", ""),
     ("docker", "ready_timeout_secs", "How long a new or restarted server may take to accept logins, in seconds.", ""),
+    ("docker", "start_concurrency", "Servers a pass creates, starts or stops at the same time (1 to 64); BENCHMARKS.md, section 2, measures a batch at 1 and 4.", ""),
     ("api", "listen", "HTTP API of `run`: HOST:PORT (keep it on loopback), a unix socket path, or \"\" for none.", ""),
     ("api", "max_body_bytes", "Largest request body the API accepts, in bytes.", ""),
     ("limits", "tenant_connections", "Concurrent client sessions per tenant whose entry sets no connection_limit (FATAL 53300 past it); 0: no limit. PostgreSQL's max_connections stays the hard limit.", ""),
@@ -1053,6 +1067,24 @@ mod tests {
         assert!(err.to_string().contains("haproxy.startup_timeout"), "{err}");
         let err = Settings::parse("tenant_file = \"x\"\n").unwrap_err();
         assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
+    }
+
+    #[test]
+    fn start_concurrency_is_bounded() {
+        assert_eq!(Settings::default().docker.start_concurrency, 4);
+        for ok in [1, 64] {
+            let s = Settings::parse(&format!("[docker]\nstart_concurrency = {ok}\n")).unwrap();
+            assert_eq!(s.docker.start_concurrency, ok);
+        }
+        for bad in [0, 65] {
+            let err = Settings::parse(&format!("[docker]\nstart_concurrency = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("docker.start_concurrency") && err.contains("1 to 64"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

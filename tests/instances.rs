@@ -162,6 +162,10 @@ async fn two_tenants_are_isolated_and_keep_data_across_restarts() {
         let logs: Vec<_> = engine.logs(&name, Some(options)).collect().await;
         let logs: String = logs.into_iter().map(|l| l.unwrap().to_string()).collect();
         assert!(logs.contains("init complete"), "{logs}");
+        // Both start from the image's template; acme's init script still ran (on the
+        // temporary server, which globex, without scripts, does without).
+        assert!(logs.contains("from the image's template"), "{logs}");
+        assert_eq!(logs.contains("temporary server"), id == &acme, "{logs}");
         assert!(
             !logs.contains(password.as_str()),
             "password in docker logs of {name}"
@@ -391,4 +395,227 @@ async fn failures_are_explained_and_foreign_objects_left_alone() {
     );
     let password = driver.password(&broken).unwrap();
     assert!(!err.contains(&password));
+}
+
+/// One container of the tenant image, run by hand (`docker run`) with the first-init
+/// environment under test, in `env`'s installation so its drop removes it.
+struct FirstInit {
+    name: String,
+    socket_dir: std::path::PathBuf,
+}
+
+impl FirstInit {
+    fn run(env: &DockerEnv, name: &str, password: &str, vars: &[(&str, &str)]) -> FirstInit {
+        let dir = env.dir.path().join(name);
+        let socket_dir = dir.join("sock");
+        std::fs::create_dir_all(&socket_dir).unwrap();
+        crate::support::set_mode(&socket_dir, 0o777);
+        let pw = dir.join("pw");
+        std::fs::write(&pw, format!("{password}\n")).unwrap();
+        crate::support::set_mode(&pw, 0o644);
+        let name = format!("{}-{name}", env.prefix);
+        let label = format!(
+            "{}={}",
+            pgs_agent::instances::docker::LABEL_INSTALLATION,
+            env.prefix
+        );
+        let out = docker(&["volume", "create", "--label", &label, &name]);
+        assert!(out.status.success(), "{out:?}");
+        let mut args = vec![
+            "run".to_owned(),
+            "-d".into(),
+            "--name".into(),
+            name.clone(),
+            "--label".into(),
+            label.clone(),
+            "--network".into(),
+            "none".into(),
+            "-e".into(),
+            "POSTGRES_PASSWORD_FILE=/run/secrets/pw".into(),
+            "-v".into(),
+            format!("{}:/run/secrets/pw:ro", pw.display()),
+            "-v".into(),
+            format!("{name}:/var/lib/postgresql/data"),
+            "-v".into(),
+            format!("{}:/var/run/postgresql", socket_dir.display()),
+        ];
+        for (k, v) in vars {
+            args.extend(["-e".to_owned(), format!("{k}={v}")]);
+        }
+        args.push(crate::support::docker::image());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = docker(&args);
+        assert!(out.status.success(), "docker run: {out:?}");
+        FirstInit { name, socket_dir }
+    }
+
+    /// A libpq conninfo for `user`/`db` (quoted, so any name works).
+    fn conninfo(&self, user: &str, db: &str) -> String {
+        let q = |s: &str| s.replace('\\', "\\\\").replace('\'', "\\'");
+        format!(
+            "host='{}' user='{}' dbname='{}'",
+            q(&self.socket_dir.to_string_lossy()),
+            q(user),
+            q(db)
+        )
+    }
+
+    /// Waits until `user` logs in to `db` with `password`; returns what `sql` printed.
+    fn wait_sql(&self, user: &str, db: &str, password: &str, sql: &str) -> String {
+        let conninfo = self.conninfo(user, db);
+        crate::support::wait_for(&format!("{} to accept logins", self.name), READY, || {
+            let (ok, out, _) = psql(&conninfo, password, sql);
+            ok.then_some(out)
+        })
+    }
+
+    fn logs(&self) -> String {
+        let out = docker(&["logs", &self.name]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}
+
+const DATABASES: &str = "SELECT string_agg(datname, ',' ORDER BY datname) FROM pg_database";
+const WHO: &str = "SELECT current_user || '|' || current_database() || '|' \
+                   || (SELECT rolname FROM pg_roles WHERE oid = 10)";
+
+#[test]
+fn first_init_copies_the_template_or_runs_initdb_when_asked() {
+    let Some(env) = setup() else { return };
+    // Names and a password that need quoting everywhere the entrypoint writes them.
+    let (user, db, password) = ("app'user", "my \"db\"", r#"pa'ss\wo"rd;"#);
+    let copied = FirstInit::run(
+        &env,
+        "copied",
+        password,
+        &[("POSTGRES_USER", user), ("POSTGRES_DB", db)],
+    );
+    let plain = FirstInit::run(
+        &env,
+        "plain",
+        "other-secret",
+        &[("POSTGRES_USER", "owner"), ("POSTGRES_DB", "postgres")],
+    );
+    let checksums = FirstInit::run(
+        &env,
+        "checksums",
+        "third-secret",
+        &[
+            ("POSTGRES_USER", "owner"),
+            ("POSTGRES_DB", "app"),
+            ("POSTGRES_INITDB_ARGS", "--data-checksums"),
+        ],
+    );
+    let opted_out = FirstInit::run(
+        &env,
+        "optout",
+        "fourth-secret",
+        &[("POSTGRES_USER", "owner"), ("PGS_INIT_TEMPLATE", "0")],
+    );
+
+    // From the template: the superuser (OID 10, as initdb makes it) has the asked-for name and
+    // password, the database is the asked-for one, and the placeholder is gone.
+    assert_eq!(
+        copied.wait_sql(user, db, password, WHO),
+        format!("{user}|{db}|{user}")
+    );
+    assert_eq!(
+        copied.wait_sql(user, db, password, DATABASES),
+        format!("{db},postgres,template0,template1")
+    );
+    assert_eq!(
+        copied.wait_sql(user, db, password, "SHOW password_encryption"),
+        "scram-sha-256"
+    );
+    let (ok, _, err) = psql(&copied.conninfo(user, db), "wrong", "SELECT 1");
+    assert!(
+        !ok && err.contains("password authentication failed"),
+        "{err}"
+    );
+    let logs = copied.logs();
+    assert!(logs.contains("from the image's template"), "{logs}");
+    assert!(
+        !logs.contains("temporary server"),
+        "no init scripts, no temporary server: {logs}"
+    );
+    assert!(
+        !logs.contains(password) && !logs.contains("pa'ss"),
+        "password in the logs: {logs}"
+    );
+
+    assert_eq!(
+        plain.wait_sql("owner", "postgres", "other-secret", DATABASES),
+        "postgres,template0,template1"
+    );
+    // Same template, yet each server knows only its own superuser and password.
+    let (ok, _, err) = psql(&plain.conninfo(user, "postgres"), password, "SELECT 1");
+    assert!(
+        !ok && err.contains("password authentication failed"),
+        "{err}"
+    );
+
+    // Each copy gets its own system identifier (pgBackRest tells clusters apart by it) and
+    // mock-authentication nonce, as initdb would give it.
+    let ident = "SELECT (SELECT system_identifier FROM pg_control_system())::text";
+    let (a, b) = (
+        copied.wait_sql(user, db, password, ident),
+        plain.wait_sql("owner", "postgres", "other-secret", ident),
+    );
+    assert!(!a.is_empty() && a != b, "{a} vs {b}");
+    let template = docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "pg_controldata",
+        &crate::support::docker::image(),
+        "/usr/share/pgs/template",
+    ]);
+    let template = String::from_utf8_lossy(&template.stdout);
+    assert!(
+        template.contains("Database system identifier:"),
+        "{template}"
+    );
+    assert!(
+        !template.contains(&a) && !template.contains(&b),
+        "{template}"
+    );
+
+    // POSTGRES_INITDB_ARGS (and the opt-out) still run initdb, with the same defaults.
+    assert_eq!(
+        checksums.wait_sql("owner", "app", "third-secret", "SHOW data_checksums"),
+        "on"
+    );
+    assert_eq!(
+        checksums.wait_sql("owner", "app", "third-secret", WHO),
+        "owner|app|owner"
+    );
+    assert!(
+        checksums
+            .logs()
+            .contains("with initdb (POSTGRES_INITDB_ARGS is set)"),
+        "{}",
+        checksums.logs()
+    );
+    assert_eq!(
+        opted_out.wait_sql(
+            "owner",
+            "owner",
+            "fourth-secret",
+            "SHOW unix_socket_directories"
+        ),
+        "/var/run/postgresql"
+    );
+    assert!(
+        opted_out
+            .logs()
+            .contains("with initdb (PGS_INIT_TEMPLATE=0)"),
+        "{}",
+        opted_out.logs()
+    );
 }
