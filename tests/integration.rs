@@ -38,3 +38,5 @@ mod runtime_api;
 mod tenants;
 #[path = "tls.rs"]
 mod tls;
+#[path = "sleep.rs"]
+mod sleep;
