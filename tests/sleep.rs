@@ -191,6 +191,7 @@ impl World {
         assert_eq!(self.asleep_on_file(id), None, "{id} in the asleep map file");
         assert_eq!(self.asleep_in_haproxy(id), None, "{id} in HAProxy's asleep map");
         assert!(self.postgres_runs(id), "{id}'s container runs no PostgreSQL");
+        assert!(self.socket(id).exists(), "{id}'s socket is missing");
         assert_eq!(self.shown_state(id), "awake");
     }
 
@@ -275,6 +276,13 @@ fn an_idle_tenant_sleeps_and_its_next_client_wakes_it_with_its_data() {
     // A tenant without an idle timeout stays awake.
     w.assert_awake("globex");
     assert_eq!(w.listed_state("globex"), "awake");
+
+    // A reload (a new tenant) keeps it asleep: the new worker loads the map file.
+    let pid = w.m.haproxy.worker_pid();
+    w.m.ok(&["tenant", "create", "initech", "--enable", "--memory", "128m"]);
+    assert_ne!(w.m.haproxy.worker_pid(), pid, "HAProxy reloaded");
+    assert_eq!(w.asleep_in_haproxy("acme").as_deref(), Some("light"));
+    assert!(!w.postgres_runs("acme"));
 
     // The next client is held, the server woken, and the client answered with the data.
     assert_eq!(
@@ -375,25 +383,43 @@ fn clients_connecting_while_the_tenant_goes_to_sleep_are_served() {
             })
         })
         .collect();
-    let (mut asleep, mut busy) = (0, 0);
+    let (mut asleep, mut busy, mut other) = (0, 0, Vec::new());
     for round in 0..20 {
         match w.tenant("sleep", "acme") {
             Ok(out) if out.contains("asleep") => asleep += 1,
             Err(err) if err.contains("busy") => busy += 1,
-            other => panic!("round {round}: sleep neither done nor busy: {other:?}"),
+            got => other.push((round, got)),
         }
         std::thread::sleep(Duration::from_millis(50 + round * 10));
     }
+    // The clients stop before anything is asserted (they hold the world).
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.join().expect("every client was answered");
     }
+    assert!(other.is_empty(), "sleeps neither done nor busy: {other:?}");
+    // Clients that came while a sleep was under way: HAProxy held them, their wake queued
+    // behind the sleep and then started the server again (`queued_ms` > 0, `start_ms` > 0).
+    let log = w.m.haproxy.log_text();
+    let field = |l: &str, name: &str| -> Option<u64> {
+        let at = l.find(&format!("{name}="))? + name.len() + 1;
+        l[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    let held_through_a_sleep = log
+        .lines()
+        .filter(|l| l.contains("pgs: woke tenant=acme"))
+        .filter(|l| field(l, "queued_ms") > Some(0) && field(l, "start_ms") > Some(0))
+        .count();
+    let sleeps = w.metric("pgs_sleeps_total");
     eprintln!(
-        "{asleep} sleeps, {busy} refused as busy, {} clients served",
+        "{asleep} sleep requests done ({sleeps} sleeps), {busy} refused as busy, {} clients \
+         served, {held_through_a_sleep} held through a sleep",
         served.load(Ordering::Relaxed)
     );
-    // The race was run: sleeps happened while clients kept coming, and they were served.
-    assert!(asleep > 0, "no sleep succeeded in 20 rounds ({busy} busy)");
+    // The race was run: sleeps happened while clients kept coming, and clients that came in
+    // the middle of one were served.
+    assert!(sleeps >= 1.0, "no sleep in 20 rounds ({busy} busy)");
+    assert!(held_through_a_sleep >= 1, "no client came during a sleep");
     assert!(served.load(Ordering::Relaxed) >= 20);
     assert!(w.metric("pgs_wakes_total") >= 1.0);
     let failures = w
@@ -428,6 +454,11 @@ fn with_the_agent_killed_a_client_gets_57p03_then_the_restarted_agent_wakes_it()
         waited < Duration::from_secs(30),
         "the refusal waited for the wake deadline ({waited:?})"
     );
+    assert!(w
+        .m
+        .haproxy
+        .log_text()
+        .contains("pgs: refused tenant=acme reason=wake_agent_unreachable"));
     // Still asleep: nothing started it.
     assert!(!w.postgres_runs("acme"));
     assert!(w.asleep_in_haproxy("acme").is_some());
@@ -489,6 +520,15 @@ fn a_deep_sleeper_has_its_container_stopped_and_a_client_starts_it() {
 
     assert_eq!(w.sql("acme", "select v from t").unwrap(), "5");
     assert!(w.container_runs("acme"));
+    w.assert_awake("acme");
+
+    // Deep asleep again, `tenant wake` starts it by hand.
+    w.put_to_sleep("acme");
+    wait_for("acme's container stopped again", SLOW, || {
+        (!w.container_runs("acme")).then_some(())
+    });
+    let out = w.tenant("wake", "acme").unwrap();
+    assert!(out.contains("awake"), "{out}");
     w.assert_awake("acme");
 }
 
