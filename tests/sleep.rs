@@ -167,7 +167,10 @@ impl World {
     fn listed_state(&self, id: &str) -> String {
         let list = self.m.ok(&["tenant", "list"]);
         let header: Vec<&str> = list.lines().next().unwrap().split_whitespace().collect();
-        let col = header.iter().position(|h| *h == "SLEEP").expect("SLEEP column");
+        let col = header
+            .iter()
+            .position(|h| *h == "SLEEP")
+            .expect("SLEEP column");
         list.lines()
             .find(|l| l.split_whitespace().next() == Some(id))
             .and_then(|l| l.split_whitespace().nth(col).map(str::to_owned))
@@ -189,8 +192,15 @@ impl World {
     /// Asserts `id` is awake everywhere it shows.
     fn assert_awake(&self, id: &str) {
         assert_eq!(self.asleep_on_file(id), None, "{id} in the asleep map file");
-        assert_eq!(self.asleep_in_haproxy(id), None, "{id} in HAProxy's asleep map");
-        assert!(self.postgres_runs(id), "{id}'s container runs no PostgreSQL");
+        assert_eq!(
+            self.asleep_in_haproxy(id),
+            None,
+            "{id} in HAProxy's asleep map"
+        );
+        assert!(
+            self.postgres_runs(id),
+            "{id}'s container runs no PostgreSQL"
+        );
         assert!(self.socket(id).exists(), "{id}'s socket is missing");
         assert_eq!(self.shown_state(id), "awake");
     }
@@ -266,20 +276,31 @@ fn an_idle_tenant_sleeps_and_its_next_client_wakes_it_with_its_data() {
     // Asleep by itself: no PostgreSQL in the container, which stays up; the socket is gone;
     // both maps and every view say so.
     w.wait_asleep("acme");
-    assert!(w.container_runs("acme"), "a light sleep keeps the container");
+    assert!(
+        w.container_runs("acme"),
+        "a light sleep keeps the container"
+    );
     assert_eq!(w.asleep_on_file("acme").as_deref(), Some("light"));
     assert_eq!(w.asleep_in_haproxy("acme").as_deref(), Some("light"));
     assert_eq!(w.shown_state("acme"), "asleep");
     assert_eq!(w.listed_state("acme"), "asleep");
-    assert!(w.m.ok(&["tenant", "show", "acme"]).contains("sleep     asleep"));
-    assert_eq!(w.metric("pgs_tenants_by_sleep_state{state=\"asleep\"}"), 1.0);
+    assert!(w
+        .m
+        .ok(&["tenant", "show", "acme"])
+        .contains("sleep     asleep"));
+    assert_eq!(
+        w.metric("pgs_tenants_by_sleep_state{state=\"asleep\"}"),
+        1.0
+    );
     // A tenant without an idle timeout stays awake.
     w.assert_awake("globex");
     assert_eq!(w.listed_state("globex"), "awake");
 
     // A reload (a new tenant) keeps it asleep: the new worker loads the map file.
     let pid = w.m.haproxy.worker_pid();
-    w.m.ok(&["tenant", "create", "initech", "--enable", "--memory", "128m"]);
+    w.m.ok(&[
+        "tenant", "create", "initech", "--enable", "--memory", "128m",
+    ]);
     assert_ne!(w.m.haproxy.worker_pid(), pid, "HAProxy reloaded");
     assert_eq!(w.asleep_in_haproxy("acme").as_deref(), Some("light"));
     assert!(!w.postgres_runs("acme"));
@@ -403,7 +424,11 @@ fn clients_connecting_while_the_tenant_goes_to_sleep_are_served() {
     let log = w.m.haproxy.log_text();
     let field = |l: &str, name: &str| -> Option<u64> {
         let at = l.find(&format!("{name}="))? + name.len() + 1;
-        l[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        l[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
     };
     let held_through_a_sleep = log
         .lines()
@@ -518,9 +543,21 @@ fn a_deep_sleeper_has_its_container_stopped_and_a_client_starts_it() {
         .contains("(server and container stopped)"));
     assert_eq!(w.metric("pgs_tenants_asleep_deep"), 1.0);
 
-    assert_eq!(w.sql("acme", "select v from t").unwrap(), "5");
+    // Ten clients at once: one container start serves them all.
+    let starts = w.starts("acme");
+    let w = Arc::new(w);
+    let clients: Vec<_> = (0..10)
+        .map(|_| {
+            let w = Arc::clone(&w);
+            std::thread::spawn(move || w.sql("acme", "select v from t"))
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap(), Ok("5".to_owned()));
+    }
     assert!(w.container_runs("acme"));
     w.assert_awake("acme");
+    assert_eq!(w.starts("acme"), starts + 1, "one start for ten clients");
 
     // Deep asleep again, `tenant wake` starts it by hand.
     w.put_to_sleep("acme");
@@ -573,7 +610,9 @@ fn a_wake_past_its_deadline_gives_57p03_in_time_and_is_counted() {
     // A paused container cannot be started: a quick 57P03 too, counted as start_failed.
     assert!(docker(&["pause", &w.m.container("acme")]).status.success());
     let got = w.sql("acme", "select 1");
-    assert!(docker(&["unpause", &w.m.container("acme")]).status.success());
+    assert!(docker(&["unpause", &w.m.container("acme")])
+        .status
+        .success());
     let err = got.unwrap_err();
     assert!(err.contains("the database system is starting up"), "{err}");
     assert_eq!(
@@ -597,7 +636,10 @@ fn a_sleeping_tenant_stopped_and_started_serves_clients() {
         w.m.ok(&["tenant", "stop", id]);
         assert!(!w.container_runs(id));
         let err = w.sql(id, "select 1").unwrap_err();
-        assert!(err.contains(&format!("tenant \"{id}\" is not available")), "{err}");
+        assert!(
+            err.contains(&format!("tenant \"{id}\" is not available")),
+            "{err}"
+        );
     }
     // acme started again at once; globex once the daemon has forgotten its sleep (a stopped
     // tenant does not sleep).
