@@ -682,3 +682,42 @@ fn a_sleeper_whose_container_died_is_started_by_its_next_client() {
     assert_eq!(w.sql("acme", "select v from t").unwrap(), "kept");
     w.assert_awake("acme");
 }
+
+/// Regression: the idle pass brought HAProxy's asleep map up to date from a list it had read
+/// before a wake or a sleep changed that map, and then undid the change: a woken tenant was
+/// put back in the map (every client then asked the agent again), a sleeping one taken out
+/// (clients went to its stopped server), until the next pass.
+#[test]
+fn haproxy_asleep_map_follows_every_sleep_and_wake_during_idle_passes() {
+    let Some(w) = World::start(&[], &["acme"]) else {
+        return;
+    };
+    let w = Arc::new(w);
+    // A stale entry lasts until the next pass (a second): look a little after each change.
+    let settle = Duration::from_millis(200);
+    for round in 0..10 {
+        let out = w.tenant("sleep", "acme").expect("tenant sleep");
+        assert!(out.contains("asleep"), "{out}");
+        std::thread::sleep(settle);
+        assert!(
+            w.asleep_in_haproxy("acme").is_some(),
+            "round {round}: asleep, but not in HAProxy's asleep map"
+        );
+        // Many clients at once keep HAProxy busy while the idle pass reads its map.
+        let clients: Vec<_> = (0..10)
+            .map(|i| {
+                let w = Arc::clone(&w);
+                std::thread::spawn(move || w.sql("acme", &format!("select {i}")))
+            })
+            .collect();
+        for (i, c) in clients.into_iter().enumerate() {
+            assert_eq!(c.join().unwrap(), Ok(i.to_string()), "round {round}");
+        }
+        std::thread::sleep(settle);
+        assert_eq!(
+            w.asleep_in_haproxy("acme"),
+            None,
+            "round {round}: awake, but still in HAProxy's asleep map"
+        );
+    }
+}
