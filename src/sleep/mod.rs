@@ -529,9 +529,9 @@ impl Sleeper {
                 )))
             }
         }
+        let map = self.runtime_map.lock().await;
         // The gate first: from here on every new client waits for a wake (which waits for
         // this sleep to finish, then starts the server again).
-        let map = self.runtime_map.lock().await;
         let api = runtime_api(&self.agent);
         let haproxy = match api
             .add_map(
