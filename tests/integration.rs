@@ -34,6 +34,8 @@ mod roles;
 mod routing;
 #[path = "runtime_api.rs"]
 mod runtime_api;
+#[path = "sleep.rs"]
+mod sleep;
 #[path = "tenants.rs"]
 mod tenants;
 #[path = "tls.rs"]

@@ -204,6 +204,9 @@ pub struct Sleeper {
     inner: Mutex<Inner>,
     /// Serializes writers of the asleep map file.
     file: Mutex<()>,
+    /// Held while HAProxy's asleep map and the marks change together (a transition's gate, or
+    /// `push_map` from read to write), so a push never applies marks read before a change.
+    runtime_map: tokio::sync::Mutex<()>,
 }
 
 /// Readiness polls while a server starts.
@@ -233,6 +236,7 @@ impl Sleeper {
                 ..Inner::default()
             }),
             file: Mutex::new(()),
+            runtime_map: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -301,6 +305,7 @@ impl Sleeper {
 
     /// Makes the running HAProxy's asleep map hold exactly the sleeping and waking tenants.
     pub async fn push_map(&self) -> Result<(), RuntimeError> {
+        let _map = self.runtime_map.lock().await;
         let want = {
             let inner = self.inner.lock().expect("sleeper lock");
             file_entries(&inner.marks)
@@ -467,6 +472,7 @@ impl Sleeper {
         let ready = t_ready.elapsed();
         // Open the gate: clients connecting from now on go straight to the server.
         let api = runtime_api(&self.agent);
+        let _map = self.runtime_map.lock().await;
         if let Err(e) = api.del_map(&self.agent.paths.asleep_map, id.as_str()).await {
             if !e.is_unreachable() {
                 warn!(tenant = %id, "cannot clear the tenant in HAProxy's asleep map: {e}");
@@ -530,6 +536,7 @@ impl Sleeper {
                 )))
             }
         }
+        let map = self.runtime_map.lock().await;
         // The gate first: from here on every new client waits for a wake (which waits for
         // this sleep to finish, then starts the server again).
         let haproxy = match api
@@ -549,7 +556,9 @@ impl Sleeper {
             }
         };
         self.set_mark(id, Some(Mark::Asleep(Depth::Light)));
+        drop(map);
         let call_off = |why: SleepError| async move {
+            let _map = self.runtime_map.lock().await;
             if haproxy {
                 let api = runtime_api(&self.agent);
                 let _ = api.del_map(&self.agent.paths.asleep_map, id.as_str()).await;
@@ -620,6 +629,7 @@ impl Sleeper {
             return Ok(());
         }
         // Marked first: the reconciler must not start a container it sees stopped.
+        let map = self.runtime_map.lock().await;
         self.set_mark(id, Some(Mark::Asleep(Depth::Deep)));
         let api = runtime_api(&self.agent);
         let _ = api
@@ -629,6 +639,7 @@ impl Sleeper {
                 Mark::Asleep(Depth::Deep).value(),
             )
             .await;
+        drop(map);
         self.docker
             .stop_existing(id)
             .await
