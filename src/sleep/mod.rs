@@ -752,6 +752,29 @@ impl Sleeper {
                 }
             })
             .await;
+        // A light sleeper whose server runs anyway (a wake that timed out and finished late, a
+        // restarted container) has no client: every client of a marked tenant goes through a
+        // wake, which clears the mark. Stop it again, unless a transition is under way.
+        let restless: Vec<TenantId> = light
+            .keys()
+            .filter(|id| self.docker.socket_path(id).exists())
+            .cloned()
+            .collect();
+        futures_util::stream::iter(restless)
+            .for_each_concurrent(PARALLEL_SLEEPS, |id| async move {
+                let lock = self.lock_for(&id);
+                let Ok(_guard) = lock.try_lock() else {
+                    return;
+                };
+                if self.mark(&id) != Some(Mark::Asleep(Depth::Light)) {
+                    return;
+                }
+                info!(tenant = %id, "asleep, but its server runs: stopping it again");
+                if let Err(e) = self.stop_server(&id, &self.docker.socket_path(&id)).await {
+                    warn!(tenant = %id, "{e}");
+                }
+            })
+            .await;
         let deeper = idle::to_deepen(&light, z.deep_after_secs(), z.max_light as usize);
         futures_util::stream::iter(deeper)
             .for_each_concurrent(PARALLEL_SLEEPS, |id| async move {
