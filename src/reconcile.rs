@@ -357,10 +357,22 @@ async fn apply<D: InstanceDriver>(
         }
     }
 
-    // 2. Servers: create / replace / start, then wait until they accept logins.
+    // 2. Servers: create / replace / start, then wait until they accept logins. Meanwhile the
+    // candidate config is checked (`haproxy -c`): it does not depend on them.
     let mut failed: BTreeSet<TenantId> = BTreeSet::new();
     let ready_timeout = Duration::from_secs(agent.settings.docker.ready_timeout_secs);
-    if let Some(d) = driver {
+    let needs_config = plan.write_config || plan.reload;
+    let check = async {
+        if needs_config {
+            Some(render::check(agent, tenants).await)
+        } else {
+            None
+        }
+    };
+    let servers = async {
+        let Some(d) = driver else {
+            return Vec::new();
+        };
         // A few at a time: after dockerd comes back without live-restore every tenant needs a
         // start, and one slow server must not keep the others down.
         // Boxed as Send here, for these lifetimes: a stream of closure-made futures cannot be
@@ -389,13 +401,15 @@ async fn apply<D: InstanceDriver>(
             .collect()
             .await;
         results.sort_by_key(|(i, _, _)| *i);
-        for (_, step, result) in results {
-            match result {
-                Ok(()) => report.done.push(describe_instance(step)),
-                Err(e) => {
-                    report.problem(ProblemKind::Instance, e.to_string());
-                    failed.insert(step.tenant().clone());
-                }
+        results
+    };
+    let (results, checked) = tokio::join!(servers, check);
+    for (_, step, result) in results {
+        match result {
+            Ok(()) => report.done.push(describe_instance(step)),
+            Err(e) => {
+                report.problem(ProblemKind::Instance, e.to_string());
+                failed.insert(step.tenant().clone());
             }
         }
     }
@@ -415,8 +429,8 @@ async fn apply<D: InstanceDriver>(
         ..rendered.clone()
     };
     let mut config_ok = true;
-    if plan.write_config || plan.reload {
-        config_ok = write_and_reload(agent, tenants, &rendered, plan, report).await;
+    if let Some(checked) = checked {
+        config_ok = write_and_reload(agent, checked, &rendered, plan, report).await;
     }
 
     // 4. Maps: the files always; the running HAProxy for what a reload did not bring.
@@ -678,14 +692,16 @@ async fn run_instance_step<D: InstanceDriver>(
 
 /// Checks the candidate, installs it, and reloads HAProxy if it runs and the plan says so. On
 /// any failure the previous files are put back and HAProxy keeps serving what it had.
+/// Installs the checked config (`checked`: the result of `render::check` on it) and reloads
+/// when the plan says so.
 async fn write_and_reload(
     agent: &Agent,
-    tenants: &Tenants,
+    checked: Result<(), render::CheckError>,
     rendered: &Rendered,
     plan: &Plan,
     report: &mut Report,
 ) -> bool {
-    if let Err(e) = render::check(agent, tenants).await {
+    if let Err(e) = checked {
         report.problem(
             ProblemKind::Config,
             format!("{e}; the running configuration was kept"),
