@@ -25,7 +25,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Time allowed for each read or write on an open connection.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause between two polls while waiting for a reload.
-pub const RELOAD_POLL_INTERVAL: Duration = Duration::from_millis(25);
+pub const RELOAD_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Everything that can go wrong talking to the master CLI.
 #[derive(Debug, thiserror::Error)]

@@ -62,7 +62,8 @@ const STOP_TIMEOUT_SECS: i32 = 10;
 const ENGINE_TIMEOUT_SECS: u64 = 60;
 /// Log lines shown when a container dies while we wait for it.
 const LOG_TAIL: usize = 20;
-const POLL: Duration = Duration::from_millis(50);
+/// Readiness polls while a server starts (a login is tried only once its socket exists).
+const POLL: Duration = Duration::from_millis(15);
 /// One login attempt never takes longer than this.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -989,34 +990,38 @@ impl InstanceDriver for DockerDriver {
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let attempt = remaining.clamp(Duration::from_millis(200), ATTEMPT_TIMEOUT);
-            let last = match tokio::time::timeout(attempt, pgsql::login(&login)).await {
-                Ok(Ok(())) => {
-                    tracing::info!(
-                        tenant = %id,
-                        "PostgreSQL accepts logins after {:.1}s",
-                        started.elapsed().as_secs_f64()
-                    );
-                    return Ok(());
+            let last = if !login.socket.exists() {
+                "no socket yet".to_owned()
+            } else {
+                match tokio::time::timeout(attempt, pgsql::login(&login)).await {
+                    Ok(Ok(())) => {
+                        tracing::info!(
+                            tenant = %id,
+                            "PostgreSQL accepts logins after {:.1}s",
+                            started.elapsed().as_secs_f64()
+                        );
+                        return Ok(());
+                    }
+                    Ok(Err(e @ pgsql::ConnectError::Refused(_))) => {
+                        let message = e.to_string();
+                        let hint = if e.is_wrong_password() {
+                            format!(
+                                "; the data volume {} was initialized with another password \
+                                     than the one in {}",
+                                self.volume_name(id),
+                                self.paths.tenant_password_file(id).display()
+                            )
+                        } else {
+                            String::new()
+                        };
+                        return Err(failed(
+                            id,
+                            format!("PostgreSQL refused the tenant's login: {message}{hint}"),
+                        ));
+                    }
+                    Ok(Err(pgsql::ConnectError::NotYet(message))) => message,
+                    Err(_) => format!("no answer within {attempt:?}"),
                 }
-                Ok(Err(e @ pgsql::ConnectError::Refused(_))) => {
-                    let message = e.to_string();
-                    let hint = if e.is_wrong_password() {
-                        format!(
-                            "; the data volume {} was initialized with another password \
-                                 than the one in {}",
-                            self.volume_name(id),
-                            self.paths.tenant_password_file(id).display()
-                        )
-                    } else {
-                        String::new()
-                    };
-                    return Err(failed(
-                        id,
-                        format!("PostgreSQL refused the tenant's login: {message}{hint}"),
-                    ));
-                }
-                Ok(Err(pgsql::ConnectError::NotYet(message))) => message,
-                Err(_) => format!("no answer within {attempt:?}"),
             };
             if Instant::now() >= deadline {
                 tracing::warn!(tenant = %id, "not ready after {timeout:?}; last attempt: {last}");
