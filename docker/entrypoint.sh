@@ -409,37 +409,65 @@ fi
 want=up
 pg=
 idle=
-trap 'want=up' USR1
-trap 'want=down' USR2
-trap 'want=exit' INT TERM
-while :; do
-    if [ "$want" = up ] && [ -z "$pg" ]; then
-        "$@" &
-        pg=$!
-    elif [ "$want" != up ] && [ -n "$pg" ]; then
+stopping=
+# The server gets SIGINT (fast shutdown) once; its exit is then a stop, not a crash.
+stop_pg() {
+    if [ -n "$pg" ] && [ -z "$stopping" ]; then
+        stopping=1
         kill -INT "$pg" 2>/dev/null || true
-        wait "$pg" 2>/dev/null || true
+    fi
+}
+# Each trap also acts on the wait it may have raced: a signal that lands just before a
+# `wait` would otherwise be noticed only when that wait ends.
+on_start() {
+    [ "$want" = exit ] || want=up
+    [ -z "$idle" ] || kill "$idle" 2>/dev/null || true
+}
+on_stop() {
+    [ "$want" = exit ] || want=down
+    stop_pg
+}
+on_exit() {
+    want=exit
+    stop_pg
+    [ -z "$idle" ] || kill "$idle" 2>/dev/null || true
+}
+trap on_start USR1
+trap on_stop USR2
+trap on_exit INT TERM
+while :; do
+    if [ -n "$pg" ]; then
+        [ "$want" = up ] || stop_pg
+        # Returns when the server exits, or when a signal arrives (the server may still run).
+        wait "$pg" || true
+        if kill -0 "$pg" 2>/dev/null; then
+            continue
+        fi
+        rc=0
+        wait "$pg" || rc=$?
         pg=
-        log "postgres stopped (asleep; SIGUSR1 starts it)"
+        if [ -n "$stopping" ]; then
+            stopping=
+            log "postgres stopped (asleep; SIGUSR1 starts it)"
+        elif [ "$want" = up ]; then
+            log "postgres exited with status $rc"
+            exit "$rc"
+        fi
+        continue
     fi
     [ "$want" != exit ] || exit 0
-    if [ -n "$pg" ]; then
-        # Returns when the server exits or a signal arrives (then the server still runs).
-        wait "$pg" || true
-        if ! kill -0 "$pg" 2>/dev/null; then
-            rc=0
-            wait "$pg" || rc=$?
-            pg=
-            if [ "$want" = up ]; then
-                log "postgres exited with status $rc"
-                exit "$rc"
-            fi
-        fi
-    else
-        sleep 60 &
-        idle=$!
-        wait "$idle" || true
-        kill "$idle" 2>/dev/null || true
-        wait "$idle" 2>/dev/null || true
+    if [ "$want" = up ]; then
+        "$@" &
+        pg=$!
+        continue
     fi
+    sleep 60 &
+    idle=$!
+    # A USR1 between starting `sleep` and noting its pid killed nothing: look again.
+    if [ "$want" = down ]; then
+        wait "$idle" || true
+    fi
+    kill "$idle" 2>/dev/null || true
+    wait "$idle" 2>/dev/null || true
+    idle=
 done

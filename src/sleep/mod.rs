@@ -407,8 +407,16 @@ impl Sleeper {
             }
         }
         self.set_mark(id, Some(Mark::Waking(depth)));
+        // A failed wake leaves the tenant asleep; once its container was started it sleeps
+        // light (the idle pass stops a server that came up late, and deepens it as usual).
+        let container_up = std::sync::atomic::AtomicBool::new(depth == Depth::Light);
         let fail = |e: WakeError| {
-            self.set_mark(id, Some(Mark::Asleep(depth)));
+            let now = if container_up.load(std::sync::atomic::Ordering::Relaxed) {
+                Depth::Light
+            } else {
+                depth
+            };
+            self.set_mark(id, Some(Mark::Asleep(now)));
             e
         };
         let t_start = Instant::now();
@@ -430,6 +438,7 @@ impl Sleeper {
                     .start_existing(id)
                     .await
                     .map_err(|e| fail(WakeError::StartFailed(e.to_string())))?;
+                container_up.store(true, std::sync::atomic::Ordering::Relaxed);
                 true
             }
             None => {
