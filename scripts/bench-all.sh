@@ -5,18 +5,20 @@
 #
 # Builds the agent once (cargo build --release), then runs scripts/bench-flip.sh,
 # scripts/bench-create.sh, scripts/bench-sync.sh, scripts/bench-datapath.sh,
-# scripts/bench-tune.sh, scripts/bench-tls.sh, scripts/bench-faults.sh and scripts/bench-backups.sh
-# with that binary.
+# scripts/bench-tune.sh, scripts/bench-tls.sh, scripts/bench-faults.sh, scripts/bench-backups.sh,
+# scripts/bench-wake.sh and scripts/bench-density.sh with that binary.
 # BENCHMARKS.md is replaced only when all of them succeed; otherwise it is left as it was and the
 # sections that did finish are kept in a temp file whose path is printed. Each script cleans up
 # after itself (HAProxy, PostgreSQL, containers and volumes with its own docker prefix, temp
 # dirs). As root, on a machine with a Docker engine and the image pgs/postgres:15. Env overrides
 # of each script (FLIPS, RT_FLIPS, COUNT, IDLE, TENANTS, ADD, RUNS, ROUNDS, DURATION, MODES,
-# VARIANTS, PROFILE, SESSIONS, PGS_TEST_VENV) pass through.
+# VARIANTS, PROFILE, SESSIONS, PGS_TEST_VENV, WAKES, DEEP_WAKES, WAKE_TENANTS, ROTATE, PAUSE, BATCH,
+# ACTIVE, ROTATIONS, PERIOD, PROBES, STAGGER, MAX_LIGHT, IDLE_TIMEOUT) pass through; COUNT is read by both
+# bench-create.sh (default 5) and bench-density.sh (default 1000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
-benches=(flip create sync datapath tune tls faults backups)
+benches=(flip create sync datapath tune tls faults backups wake density)
 
 for i in 1 2 3 4 5 6; do  # src/ may be mid-edit by someone else: wait and retry
     cargo build --release --quiet && break

@@ -314,6 +314,7 @@ bench_cleanup() {
     bench_stop_haproxy
     local p
     for p in "${BENCH_PIDS[@]}"; do bench_stop_pid "$p"; done
+    bench_stop_orphan_agent
     bench_stop_postgres
     bench_docker_cleanup
     [ -n "$BENCH_DIR" ] && [ -z "${BENCH_KEEP:-}" ] && rm -rf "$BENCH_DIR"
@@ -338,3 +339,37 @@ bench_preflight() {
 
 # Seconds since the end of bench_preflight (the build is not counted).
 bench_elapsed() { echo $(( $(date +%s) - BENCH_RUN_T0 )); }
+
+# ---------------------------------------------------------------- sleep benchmarks (9, 10)
+
+# Sets `[sleep] KEY = VALUE` (VALUE as TOML: '"1s"', 200) in BENCH_CFG; pairs of arguments.
+bench_sleep_settings() {  # KEY VALUE [KEY VALUE ...]
+    "${VPY:?}" "$BENCH_REPO/scripts/bench-sleep.py" set-sleep "$BENCH_CFG" "$@" >&2 \
+        || die "cannot set [sleep] in $BENCH_CFG"
+    "$BENCH_AGENT" -c "$BENCH_CFG" check >/dev/null || die "the [sleep] settings were refused"
+}
+
+# Runs scripts/bench-sleep.py with the test venv's Python (psycopg) in the background, like
+# bench_tool; it runs `pgs-agent run` itself (pid in BENCH_DIR/agent.pid) and stops it on exit.
+bench_sleep_tool() {  # FILE ARGS...
+    local out=$1
+    shift
+    "${VPY:?}" "$BENCH_REPO/scripts/bench-sleep.py" "$@" >"$out" &
+    BENCH_CHILD=$!
+    local rc=0
+    wait "$BENCH_CHILD" || rc=$?
+    BENCH_CHILD=""
+    return "$rc"
+}
+
+# The agent bench-sleep.py ran, should the tool have died without stopping it.
+bench_stop_orphan_agent() {
+    [ -n "$BENCH_DIR" ] && [ -f "$BENCH_DIR/agent.pid" ] || return 0
+    local pid i
+    pid=$(cat "$BENCH_DIR/agent.pid")
+    rm -f "$BENCH_DIR/agent.pid"
+    grep -q "pgs-agent" "/proc/$pid/cmdline" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+}
