@@ -22,6 +22,8 @@ import socket
 import subprocess
 import sys
 import time
+
+from bench_stats import median, pct, summary, verdict  # noqa: F401 (shared)
 import urllib.parse
 
 import psycopg
@@ -40,27 +42,6 @@ FAILED = []  # clients of sleeping tenants that were not answered
 
 # ---------------------------------------------------------------- statistics
 
-def pct(sorted_xs, p):
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_xs:
-        return float("nan")
-    k = max(1, math.ceil(p / 100.0 * len(sorted_xs)))
-    return sorted_xs[k - 1]
-
-
-def median(xs):
-    s = sorted(xs)
-    n = len(s)
-    if n == 0:
-        return float("nan")
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-
-
-def summary(xs):
-    s = sorted(xs)
-    return {"n": len(s), "min": s[0] if s else float("nan"), "p50": median(s),
-            "p90": pct(s, 90), "p99": pct(s, 99), "max": s[-1] if s else float("nan")}
-
 
 def row(name, xs_ms):
     s = summary(xs_ms)
@@ -70,10 +51,6 @@ def row(name, xs_ms):
 
 HEAD = ("| measurement | n | p50 ms | p90 ms | p99 ms | min ms | max ms |\n"
         "|---|---:|---:|---:|---:|---:|---:|")
-
-
-def verdict(ok):
-    return "**met**" if ok else "**not met**"
 
 
 # ---------------------------------------------------------------- the layout

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from bench_stats import median, pct, summary, verdict  # noqa: F401 (shared)
 import urllib.parse
 
 now = time.perf_counter
@@ -37,33 +39,6 @@ def log(msg):
 
 
 # ---------------------------------------------------------------- statistics and formatting
-
-def pct(sorted_xs, p):
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_xs:
-        return float("nan")
-    k = max(1, math.ceil(p / 100.0 * len(sorted_xs)))
-    return sorted_xs[k - 1]
-
-
-def median(xs):
-    s = sorted(xs)
-    n = len(s)
-    if n == 0:
-        return float("nan")
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-
-
-def summary(xs):
-    s = sorted(xs)
-    return {
-        "n": len(s),
-        "min": s[0] if s else float("nan"),
-        "p50": median(s),
-        "p90": pct(s, 90),
-        "p99": pct(s, 99),
-        "max": s[-1] if s else float("nan"),
-    }
 
 
 def ms(x):
@@ -78,10 +53,6 @@ def dist_row(name, xs, unit=ms):
 
 DIST_HEAD = ("| measurement | n | p50 ms | p90 ms | p99 ms | min ms | max ms |\n"
              "|---|---:|---:|---:|---:|---:|---:|")
-
-
-def verdict(ok):
-    return "**met**" if ok else "**not met**"
 
 
 # ---------------------------------------------------------------- clients
