@@ -342,6 +342,18 @@ bench_elapsed() { echo $(( $(date +%s) - BENCH_RUN_T0 )); }
 
 # ---------------------------------------------------------------- sleep benchmarks (9, 10)
 
+# What both sleep benchmarks need before they start: bench_preflight, a Docker engine, the
+# tenant image (in `image`), and the test venv's Python with psycopg (in VPY).
+bench_sleep_preflight() {
+    VENV=${PGS_TEST_VENV:-/opt/pgs-test-venv}
+    VPY=$VENV/bin/python
+    bench_preflight
+    docker info >/dev/null 2>&1 || die "no Docker engine answers (scripts/start-dockerd.sh starts one)"
+    image=pgs/postgres:15
+    docker image inspect "$image" >/dev/null 2>&1 || die "image $image missing (docker/build-image.sh 15 builds it)"
+    "$VPY" -c 'import psycopg' 2>/dev/null || die "no psycopg in $VENV (scripts/install-deps.sh --tests makes it; PGS_TEST_VENV moves it)"
+}
+
 # Sets `[sleep] KEY = VALUE` (VALUE as TOML: '"1s"', 200) in BENCH_CFG; pairs of arguments.
 bench_sleep_settings() {  # KEY VALUE [KEY VALUE ...]
     "${VPY:?}" "$BENCH_REPO/scripts/bench-sleep.py" set-sleep "$BENCH_CFG" "$@" >&2 \

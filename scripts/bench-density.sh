@@ -35,14 +35,8 @@ PROBES=${PROBES:-10}
 STAGGER=${STAGGER:-10}
 IDLE_TIMEOUT=${IDLE_TIMEOUT:-5s}
 MAX_LIGHT=${MAX_LIGHT:-200}
-VENV=${PGS_TEST_VENV:-/opt/pgs-test-venv}
-VPY=$VENV/bin/python
 
-bench_preflight
-docker info >/dev/null 2>&1 || die "no Docker engine answers (scripts/start-dockerd.sh starts one)"
-image=pgs/postgres:15
-docker image inspect "$image" >/dev/null 2>&1 || die "image $image missing (docker/build-image.sh 15 builds it)"
-"$VPY" -c 'import psycopg' 2>/dev/null || die "no psycopg in $VENV (scripts/install-deps.sh --tests makes it; PGS_TEST_VENV moves it)"
+bench_sleep_preflight
 [ -x "$PGBIN/pgbench" ] || die "pgbench missing at $PGBIN (scripts/install-deps.sh --tests installs PostgreSQL 15)"
 disk_free=$(df -B1M --output=avail /var/lib/docker 2>/dev/null | tail -n1 | tr -d ' ')
 mem_avail=$(awk '/^MemAvailable/ {printf "%d", $2/1024}' /proc/meminfo)

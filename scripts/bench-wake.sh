@@ -28,14 +28,8 @@ DEEP_WAKES=${DEEP_WAKES:-30}
 WAKE_TENANTS=${WAKE_TENANTS:-20}
 ROTATE=${ROTATE:-5}
 PAUSE=${PAUSE:-0.5}
-VENV=${PGS_TEST_VENV:-/opt/pgs-test-venv}
-VPY=$VENV/bin/python
 
-bench_preflight
-docker info >/dev/null 2>&1 || die "no Docker engine answers (scripts/start-dockerd.sh starts one)"
-image=pgs/postgres:15
-docker image inspect "$image" >/dev/null 2>&1 || die "image $image missing (docker/build-image.sh 15 builds it)"
-"$VPY" -c 'import psycopg' 2>/dev/null || die "no psycopg in $VENV (scripts/install-deps.sh --tests makes it; PGS_TEST_VENV moves it)"
+bench_sleep_preflight
 machine=$(bench_machine_md)
 bench_layout wake --api-listen ""
 bench_sleep_settings check_every '"1s"' max_light 200
